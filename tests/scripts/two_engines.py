@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--ds", default="zero3")
+    ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = ap.parse_args()
 
     t0 = time.time()

@@ -165,6 +165,9 @@ class Recipe:
         for key in ("teacher.path", "student.tokenizer"):
             if _get(self, key) is None:
                 raise RecipeError(f"{key}: required, but not set")
+        tp = Path(self.teacher.path)
+        if tp.is_dir() and not (tp / "config.json").is_file():
+            raise RecipeError(f"teacher.path: no config.json in {tp} (an HF model folder is expected)")
         if self.student.config is None:
             raise RecipeError("student.config: required (a config.json path or a dict)")
         if not self.data.train:

@@ -1,0 +1,130 @@
+"""One engine-agnostic distillation step: teacher forward, conversion, student forward, loss.
+
+The step never sees DeepSpeed: the teacher is any callable `(input_ids, attention_mask) ->
+logits` (a Hugging Face model, or the pipeline's ZeRO-3 inference engine) and the student any
+module returning `(token_logits, byte_logits)` (a `Student` or the engine wrapping it). The
+caller runs backward and the optimizer, so a plain loop and the DeepSpeed pipeline share it.
+
+Methods (`distill.method`), each weighted by `lambda_kl` on top of the student's token CE:
+- `ce`: the student alone.
+- `token_kd`: token-level forward KL at every position (Hinton et al. 2015, "Distilling the
+  Knowledge in a Neural Network"); same tokenizer only.
+- `uld`: Universal Logit Distillation (Boizard et al. 2024): L1 between sorted probability
+  vectors, at positions where both models predict a token starting at the same byte offset.
+- `bld`: byte-level distillation (Singh et al. 2026): `CE + lambda_b * CE(bytes) + lambda_kl *
+  D(q || p_head)` with `q` the teacher's next-byte distributions (`bld_scale.byteconv`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .byteconv import byte_logprobs_batch
+from .data import DistillBatch
+from .losses import bld_loss, gather_teacher_rows, token_ce, token_kd_loss, uld_loss
+from .vocab import TokenBytes
+
+METHODS = ("ce", "token_kd", "uld", "bld")
+TeacherForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepSettings:
+    method: str = "bld"
+    lambda_b: float = 1.0
+    lambda_kl: float = 0.1
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    conversion: str = "cover"
+    teacher_eos_id: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown distill.method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+
+def check_same_tokenizer(teacher: TokenBytes, student: TokenBytes) -> None:
+    """token_kd compares distributions id by id: both sides must be the same vocabulary."""
+    same = teacher.table == student.table
+    if not same:
+        raise ValueError(
+            f"distill.method=token_kd needs the teacher and the student to share one tokenizer, but "
+            f"{teacher.name} ({len(teacher.table)} ids) and {student.name} ({len(student.table)} ids) "
+            "differ; use method 'bld' (or 'uld') for a cross-tokenizer pair")
+
+
+def teacher_logprobs(teacher_forward: TeacherForward, batch: DistillBatch) -> torch.Tensor:
+    with torch.no_grad():
+        logits = teacher_forward(batch.teacher_input_ids, batch.teacher_attention_mask)
+        logits = getattr(logits, "logits", logits)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def uld_pairs(batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (student position, teacher row) pairs that predict a token at the same byte offset."""
+    s_starts, t_starts = batch.student_starts, batch.teacher_starts
+    B, J = s_starts.shape
+    L1 = t_starts.shape[1]
+    # Offsets are unique within a sequence on each side, so a dense match table is small.
+    match = (s_starts.unsqueeze(2) == t_starts.unsqueeze(1)) & (s_starts.unsqueeze(2) >= 0)
+    b, j, k = torch.nonzero(match, as_tuple=True)
+    return b * J + j, b * L1 + k
+
+
+def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch,
+                 settings: StepSettings, teacher_vocab: TokenBytes | None = None):
+    """Loss of one batch and the logs of each term (detached).
+
+    Returns `(loss, logs)`; logs hold `loss`, `loss_ce`, and per method `loss_byte_ce`,
+    `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens` and `bytes` counted in the batch.
+    """
+    method = settings.method
+    token_logits, byte_logits = student(input_ids=batch.student_input_ids,
+                                        attention_mask=batch.student_attention_mask,
+                                        prev_bytes=batch.byte_targets)
+    counts = {"tokens": float((batch.student_labels != -100).sum()),
+              "bytes": float(batch.n_text_bytes.sum())}
+    if method == "ce":
+        loss = token_ce(token_logits, batch.student_labels)
+        return loss, {"loss": loss.detach(), "loss_ce": loss.detach(), **counts}
+    if teacher_forward is None:
+        raise ValueError(f"distill.method={method!r} needs a teacher")
+    logprobs = teacher_logprobs(teacher_forward, batch)
+    if method == "bld":
+        if teacher_vocab is None:
+            raise ValueError("method 'bld' needs the teacher's TokenBytes for the conversion")
+        q, q_mask = byte_logprobs_batch(logprobs, batch.teacher_ids, teacher_vocab,
+                                        eos_id=settings.teacher_eos_id, mode=settings.conversion)
+        rows, row_mask = gather_teacher_rows(q, batch.teacher_rows, q_mask)
+        loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
+                              rows, row_mask, lambda_b=settings.lambda_b, lambda_kl=settings.lambda_kl,
+                              divergence=settings.divergence, beta=settings.beta,
+                              temperature=settings.temperature)
+        return loss, {**{k: v.detach() for k, v in logs.items()}, "loss": loss.detach(), **counts}
+    ce = token_ce(token_logits, batch.student_labels)
+    if method == "token_kd":
+        mask = batch.student_labels != -100
+        # same tokenizer: teacher row j predicts the same token as student position j
+        kd = token_kd_loss(token_logits, logprobs[:, : token_logits.shape[1]], mask,
+                           temperature=settings.temperature)
+        loss = ce + settings.lambda_kl * kd
+        return loss, {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_kd": kd.detach(), **counts}
+    s_idx, t_idx = uld_pairs(batch)
+    s_rows = token_logits.reshape(-1, token_logits.shape[-1])[s_idx]
+    t_rows = logprobs.reshape(-1, logprobs.shape[-1])[t_idx]
+    uld = uld_loss(s_rows, t_rows, temperature=settings.temperature)
+    loss = ce + settings.lambda_kl * uld
+    return loss, {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_uld": uld.detach(), **counts}
+
+
+@torch.no_grad()
+def student_nll(student, batch: DistillBatch) -> tuple[float, int]:
+    """Summed token NLL (nats) of the student over the batch's text, and the text's bytes."""
+    token_logits, _ = student(input_ids=batch.student_input_ids,
+                              attention_mask=batch.student_attention_mask,
+                              prev_bytes=batch.byte_targets)
+    nll = token_ce(token_logits, batch.student_labels, reduction="sum")
+    return float(nll), int(batch.n_text_bytes.sum())

@@ -177,8 +177,9 @@ class TokenBytes:
         reasons = []
         if SP_SPACE in text and self.hint.startswith("sentencepiece"):
             reasons.append(f"the text holds a literal '{SP_SPACE}', which SentencePiece reads as a space")
-        if self.hint:
-            reasons.append(self.hint)
+        hint = self.hint.removeprefix("sentencepiece").lstrip(": ")
+        if hint:
+            reasons.append(hint)
         why = "; ".join(reasons) or "its normaliser or pre-tokenizer changes the text"
         return (f"{self.name} cannot keep this text byte-exact: its tokens rebuild a different "
                 f"byte string from offset {offset} on (text {data[offset:offset + 12]!r}, tokens "
@@ -287,7 +288,8 @@ def _hf_family(tok) -> tuple[str, str]:
     if "ByteLevel" in types:
         return "byte_level", hint
     model_type = (spec.get("model") or {}).get("type")
-    replaces_space = any(p.get("type") == "Replace" and SP_SPACE in json.dumps(p) for p in parts)
+    replaces_space = any(p.get("type") == "Replace" and SP_SPACE in json.dumps(p, ensure_ascii=False)
+                         for p in parts)
     if "Metaspace" in types or replaces_space:
         return "sentencepiece", ("sentencepiece: " + hint) if hint else "sentencepiece"
     raise TypeError(

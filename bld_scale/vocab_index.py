@@ -45,11 +45,12 @@ class SortedVocabIndex:
         rows = np.repeat(np.arange(size), lengths)
         cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         mat[rows, cols] = flat
-        # lcp[i]: common prefix length of sorted rows i-1 and i (rows are distinct, so they differ).
+        # lcp[i]: common prefix length of sorted rows i-1 and i. Two rows can hold the same bytes
+        # (SentencePiece's <0x41> and "A"); they share the whole row, so their lcp is its length.
         lcp = np.zeros(size, dtype=np.int64)
         if size > 1:
             differ = mat[1:] != mat[:-1]
-            lcp[1:] = np.argmax(differ, axis=1)
+            lcp[1:] = np.where(differ.any(axis=1), np.argmax(differ, axis=1), lengths[1:])
         self.lengths = lengths
 
         lo_parts, hi_parts, depth_parts, byte_parts, parent_parts = [np.array([0])], [np.array([size])], \
@@ -103,10 +104,10 @@ class SortedVocabIndex:
         """Child node of `node` along `byte` (vectorised); -1 where there is none."""
         node = np.asarray(node, dtype=np.int64)
         byte = np.asarray(byte, dtype=np.int64)
-        key = np.where(node >= 0, node * 256 + byte, -1)
+        key = np.where((node >= 0) & (byte >= 0) & (byte < 256), node * 256 + byte, -1)
         pos = np.searchsorted(self.edge_key, key)
         pos_c = np.minimum(pos, max(self.edge_key.size - 1, 0))
-        found = (node >= 0) & (pos < self.edge_key.size) & (self.edge_key[pos_c] == key) \
+        found = (key >= 0) & (pos < self.edge_key.size) & (self.edge_key[pos_c] == key) \
             if self.edge_key.size else np.zeros_like(node, dtype=bool)
         return np.where(found, pos_c + 1, -1)
 
@@ -134,7 +135,7 @@ class SortedVocabIndex:
         (`end == s` gives the root). `max_end` caps the ends (defaults to len(data)).
         """
         text = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        limit = len(data) if max_end is None else max_end
+        limit = len(data) if max_end is None else min(int(max_end), len(data))
         starts = np.asarray(starts, dtype=np.int64)
         out_k, out_end, out_node = [], [], []
         active = np.arange(starts.size)

@@ -1,0 +1,309 @@
+"""The distillation pipeline users run: setup functions and the training loop.
+
+`launch/distill.py` is a thin entry point over `run(recipe)`. Each setup function does one
+thing (tokenizers, models, engines, data, metrics) so tests and tools can reuse them; the ML step
+itself lives in `bld_scale.step` and never sees DeepSpeed.
+
+Under ZeRO-3 every rank must call each engine's forward the same number of times (each forward
+all-gathers parameter shards), so evaluation splits its windows evenly over ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Recipe, save_resolved
+from .data import PairTokenizer, collate, resolve_bos
+from .datasource import WindowStream, heldout_windows, load_documents, rank_share
+from .metrics import LN2, byte_nll, token_nll
+from .byteconv import byte_logprobs
+from .step import StepSettings, check_same_tokenizer, distill_step, student_nll
+from .student import build_student, save_student
+from .tracking import MetricsWriter
+from .vocab import TokenBytes
+
+EVAL_WINDOWS = 32  # held-out windows per evaluation (rounded down to a multiple of the world size)
+
+
+@dataclass
+class Sides:
+    teacher_tok: object
+    student_tok: object
+    teacher_vocab: TokenBytes
+    student_vocab: TokenBytes
+    teacher_bos: int
+    student_bos: int
+    teacher_eos: int | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_tokenizers(recipe: Recipe, teacher_vocab_size: int, log=print) -> Sides:
+    from transformers import AutoTokenizer
+
+    t_tok = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.path)
+    s_tok = AutoTokenizer.from_pretrained(recipe.student.tokenizer)
+    if teacher_vocab_size < len(t_tok):
+        raise ValueError(f"teacher tokenizer {recipe.teacher.tokenizer or recipe.teacher.path} has "
+                         f"{len(t_tok)} ids but the teacher model embeds only {teacher_vocab_size}: "
+                         "wrong tokenizer for this model (teacher.tokenizer)")
+    t_vocab = TokenBytes.from_tokenizer(t_tok, vocab_size=teacher_vocab_size, name=f"teacher tokenizer ({recipe.teacher.path})")
+    s_vocab = TokenBytes.from_tokenizer(s_tok, name=f"student tokenizer ({recipe.student.tokenizer})")
+    t_bos, t_src = resolve_bos(t_tok, recipe.teacher.bos_token)
+    s_bos, s_src = resolve_bos(s_tok)
+    log(f"teacher BOS id {t_bos} ({t_src}); student BOS id {s_bos} ({s_src})")
+    if recipe.distill.method == "token_kd":
+        check_same_tokenizer(t_vocab, s_vocab)
+    return Sides(t_tok, s_tok, t_vocab, s_vocab, t_bos, s_bos, getattr(t_tok, "eos_token_id", None))
+
+
+def _torch_dtype(name: str):
+    from .parallelize import resolve_precision
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(name)]
+
+
+def setup_teacher(recipe: Recipe, ds_config: dict):
+    """The frozen teacher as a ZeRO-3 inference engine; HF loads it shard by shard under ZeRO-3."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from .parallelize import build_teacher_engine
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build under zero.Init
+    model = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=_torch_dtype(recipe.teacher.dtype))
+    engine = build_teacher_engine(model, ds_config)
+    del keep_alive
+    return engine
+
+
+def setup_student(recipe: Recipe, vocab_size: int):
+    s = recipe.student
+    config = s.config
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text())
+    config = dict(config)
+    if config.get("vocab_size") not in (None, vocab_size):
+        raise ValueError(f"student.config has vocab_size={config['vocab_size']} but the student "
+                         f"tokenizer has {vocab_size} ids: remove vocab_size from the config (it is "
+                         "filled from the tokenizer) or use the matching tokenizer")
+    config["vocab_size"] = vocab_size
+    head_size = {}
+    if s.head == "causal":
+        head_size = {"width": s.head_hidden_size or config.get("hidden_size"), "layers": s.head_num_layers}
+    return build_student(config, head_kind=s.head, K=s.K, attn_implementation=s.attn_implementation,
+                         head_size=head_size)
+
+
+class Pipeline:
+    """Everything one run holds; `train()` runs it."""
+
+    def __init__(self, recipe: Recipe):
+        from .parallelize import build_ds_config, build_student_engine, init_distributed, teacher_ds_config
+
+        self.recipe = recipe
+        self.rank, self.world = init_distributed()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        seed_everything(recipe.seed)  # same initial student on every rank
+        out = Path(recipe.output_dir)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_resolved(recipe, out / "recipe.resolved.yaml")
+        self.metrics = MetricsWriter(out, self.rank == 0, recipe.logging.tensorboard,
+                                     recipe.logging.wandb_project, recipe.to_dict())
+        student_cfg = build_ds_config(recipe, self.world)
+        # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
+        self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
+        teacher_vocab_size = self.teacher.module.config.get_text_config().vocab_size
+        self.sides = setup_tokenizers(recipe, teacher_vocab_size, log=self.log)
+        student = setup_student(recipe, len(self.sides.student_tok))
+        self.log(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters "
+                 f"({recipe.student.head} byte head, K={recipe.student.K}); world size {self.world}")
+        self.student = build_student_engine(student, recipe, student_cfg)
+        d = recipe.distill
+        self.settings = StepSettings(method=d.method, lambda_b=d.lambda_b, lambda_kl=d.lambda_kl,
+                                     divergence=d.divergence, beta=d.beta, temperature=d.temperature,
+                                     conversion=d.conversion, teacher_eos_id=self.sides.teacher_eos)
+        self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
+        data = recipe.data
+        self.stream = WindowStream(load_documents(data.train, data.format, data.text_field, data.streaming),
+                                   data.window_bytes, recipe.seed)
+        heldout = load_documents(data.heldout, data.format, data.text_field, False) if data.heldout else []
+        n_eval = max(self.world, EVAL_WINDOWS - EVAL_WINDOWS % self.world)
+        eval_windows = heldout_windows(heldout, data.window_bytes, n_eval)
+        eval_windows = eval_windows[: len(eval_windows) - len(eval_windows) % self.world]
+        self.eval_windows = rank_share(eval_windows, self.rank, self.world) if eval_windows else []
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[bld_scale] {message}", flush=True)
+
+    def _batch(self, windows):
+        batch = collate([self.pair(w) for w in windows], self.recipe.student.K,
+                        self.sides.teacher_bos, self.sides.student_bos)
+        return batch.to(self.device)
+
+    def _teacher_forward(self, ids, mask):
+        return self.teacher(input_ids=ids, attention_mask=mask).logits
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _eval_batches(self):
+        mb = self.recipe.train.micro_batch_size
+        for i in range(0, len(self.eval_windows), mb):
+            yield self._batch(self.eval_windows[i:i + mb])
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_student(self) -> float | None:
+        if not self.eval_windows:
+            return None
+        self.student.eval()
+        nll = n_bytes = 0.0
+        for batch in self._eval_batches():
+            a, b = student_nll(self.student, batch)
+            nll, n_bytes = nll + a, n_bytes + b
+        self.student.train()
+        nll, n_bytes = self._all_sum([nll, n_bytes])
+        return nll / (n_bytes * LN2)
+
+    @torch.no_grad()
+    def evaluate_teacher(self) -> dict | None:
+        """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
+        if not self.eval_windows:
+            return None
+        tok_nll = b_nll = n_bytes = 0.0
+        mode = self.settings.conversion
+        for batch in self._eval_batches():
+            lp = torch.log_softmax(self._teacher_forward(batch.teacher_input_ids,
+                                                         batch.teacher_attention_mask).float(), -1)
+            for b, ids in enumerate(batch.teacher_ids):
+                rows = lp[b, : len(ids) + 1]
+                q = byte_logprobs(rows, ids, self.sides.teacher_vocab, eos_id=self.sides.teacher_eos, mode=mode)
+                data = b"".join(self.sides.teacher_vocab.token_bytes(i) for i in ids)
+                tok_nll += token_nll(rows, ids)
+                b_nll += byte_nll(q, data)
+                n_bytes += float(batch.n_text_bytes[b])
+        tok_nll, b_nll, n_bytes = self._all_sum([tok_nll, b_nll, n_bytes])
+        token_bpb, byte_bpb = tok_nll / (n_bytes * LN2), b_nll / (n_bytes * LN2)
+        return {"teacher_token_bpb": token_bpb, "teacher_byte_bpb": byte_bpb,
+                "conversion_gap": byte_bpb - token_bpb, "conversion": mode}
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        r, t = self.recipe, self.recipe.train
+        teacher_eval = self.evaluate_teacher()
+        if teacher_eval:
+            self.metrics.log(0, "teacher_eval", teacher_eval)
+            self.log(f"teacher held-out BPB {teacher_eval['teacher_token_bpb']:.4f} (token level), "
+                     f"{teacher_eval['teacher_byte_bpb']:.4f} (byte level, {teacher_eval['conversion']}); "
+                     f"conversion gap {teacher_eval['conversion_gap']:+.4f}")
+        bpb_before = self.evaluate_student()
+        if bpb_before is not None:
+            self.metrics.log(0, "eval", {"student_bpb": bpb_before})
+        global_batch = t.micro_batch_size * t.grad_accum * self.world
+        progress = _progress(t.max_steps, self.rank == 0)
+        sums: dict[str, float] = {}
+        window_start = time.perf_counter()
+        for step in range(1, t.max_steps + 1):
+            mine = rank_share(self.stream.take(global_batch), self.rank, self.world)
+            for m in range(t.grad_accum):
+                batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
+                loss, logs = distill_step(self._teacher_forward, self.student, batch, self.settings,
+                                          self.sides.teacher_vocab)
+                self.student.backward(loss)
+                self.student.step()
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            progress.update(1)
+            if step % t.log_interval == 0 or step == t.max_steps:
+                record = self._reduce_logs(sums, step, time.perf_counter() - window_start)
+                self.metrics.log(step, "train", record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+                sums, window_start = {}, time.perf_counter()
+            if t.eval_interval and step % t.eval_interval == 0 and step != t.max_steps:
+                self.metrics.log(step, "eval", {"student_bpb": self.evaluate_student()})
+        progress.close()
+        bpb_after = self.evaluate_student()
+        if bpb_after is not None:
+            self.metrics.log(t.max_steps, "eval", {"student_bpb": bpb_after})
+        summary = {"steps": t.max_steps, "method": r.distill.method, "student_bpb_before": bpb_before,
+                   "student_bpb_after": bpb_after, **(teacher_eval or {})}
+        self.metrics.log(t.max_steps, "summary", summary)
+        self.save_final()
+        if self.rank == 0:
+            (Path(r.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(summary_table(summary), flush=True)
+        self.metrics.close()
+        return summary
+
+    def _reduce_logs(self, sums: dict, step: int, seconds: float) -> dict:
+        keys = sorted(sums)
+        totals = dict(zip(keys, self._all_sum([sums[k] for k in keys])))
+        count = self._micro_count(step)  # every rank ran the same micro-batches since the last log
+        record = {k: v / count for k, v in totals.items() if k not in ("tokens", "bytes")}
+        record["lr"] = self.student.get_lr()[0]
+        record["tokens_per_s"] = totals.get("tokens", 0.0) / seconds
+        record["bytes_per_s"] = totals.get("bytes", 0.0) / seconds
+        record["data_position"] = self.stream.position
+        return record
+
+    def _micro_count(self, step: int) -> int:
+        t = self.recipe.train
+        steps = (step - 1) % t.log_interval + 1 if step == t.max_steps else t.log_interval
+        return steps * t.grad_accum * self.world
+
+    def save_final(self) -> None:
+        """The trained student as a Hugging Face folder with its byte head beside it."""
+        import deepspeed
+
+        module = self.student.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.rank == 0:
+                save_student(module, Path(self.recipe.output_dir) / "final")
+                self.sides.student_tok.save_pretrained(Path(self.recipe.output_dir) / "final")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="distill", dynamic_ncols=True)
+
+
+def summary_table(summary: dict) -> str:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    rows = [("teacher, token level", summary.get("teacher_token_bpb")),
+            (f"teacher, byte level ({summary.get('conversion', 'cover')})", summary.get("teacher_byte_bpb")),
+            ("conversion gap (byte - token)", summary.get("conversion_gap")),
+            ("student before", summary.get("student_bpb_before")),
+            (f"student after {summary['steps']} steps ({summary['method']})", summary.get("student_bpb_after"))]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'held-out bits per byte'.ljust(width)} | value  |", f"|{'-' * (width + 2)}|--------|"]
+    lines += [f"| {name.ljust(width)} | {fmt(value)} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def run(recipe: Recipe) -> dict:
+    return Pipeline(recipe).train()

@@ -1,0 +1,106 @@
+"""The pipeline users run, as real processes: `deepspeed` launcher and `torchrun`, no mocks.
+
+Equivalence tolerance (1 rank vs 2 ranks, same global batch): both runs cut each optimizer
+step's windows into the same two micro-batches of 2 (1 rank: grad_accum 2; 2 ranks: one each),
+so every forward sees identical rows in fp32. Only the order of the gradient sums differs
+(an all-reduce of two partial gradients against two accumulated micro-steps): ~1e-7 relative
+per step, which Adam can amplify for near-zero gradients over 4 steps. rtol 1e-4 leaves room for
+that and none for a real bug (a rank's rows dropped, a gradient not averaged: >1e-2).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL = REPO / "launch" / "distill.py"
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # one thread per rank on a 2-core machine
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def _run(cmd, timeout=900):
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+FAST = ["train.log_interval=1", "train.eval_interval=0", "train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds2")
+    proc = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), str(DISTILL),
+                 "train.max_steps=4", f"output_dir={out}", "train.micro_batch_size=2",
+                 "train.grad_accum=1", *FAST])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_deepspeed_two_ranks_leave_finite_losses_with_a_kl_term(deepspeed_two_ranks):
+    out, proc = deepspeed_two_ranks
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr", "tokens_per_s", "bytes_per_s"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["loss_kl"] > 0
+    teacher = _records(out, "teacher_eval")[0]
+    assert teacher["teacher_token_bpb"] < 4.0  # the shipped teacher is trained, far below random
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["student_bpb_after"] < summary["student_bpb_before"]
+    assert (out / "recipe.resolved.yaml").is_file()
+    assert (out / "final" / "byte_head.safetensors").is_file()
+    assert "student after 4 steps" in proc.stdout  # the closing table
+
+
+def test_two_ranks_match_one_rank(deepspeed_two_ranks, tmp_path):
+    out2, _ = deepspeed_two_ranks
+    out1 = tmp_path / "one"
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", str(_port()), str(DISTILL),
+                 "train.max_steps=4", f"output_dir={out1}", "train.micro_batch_size=2",
+                 "train.grad_accum=2", *FAST])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = _records(out1, "train"), _records(out2, "train")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+        assert a["data_position"] == b["data_position"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=4", "train.max_steps"),             # unknown key: the valid one is suggested
+    ("train.max_steps=four", "train.max_steps"),          # wrong type
+    ("distill.method=kd", "ce"),                          # bad choice: the valid ones are named
+    ("teacher.path=/nonexistent/teacher", "/nonexistent/teacher"),  # missing file
+])
+def test_bad_recipes_are_refused_before_heavy_work(override, message):
+    proc = _run([sys.executable, str(DISTILL), override], timeout=120)
+    assert proc.returncode == 2
+    assert "bad recipe" in proc.stderr and message in proc.stderr
+    assert "deepspeed" not in proc.stdout.lower()  # refused before DeepSpeed started

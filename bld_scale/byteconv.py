@@ -38,7 +38,7 @@ from .vocab import TokenBytes
 
 EOT = 256
 NUM_BYTE_OUTCOMES = 257
-MODES = ("cover", "within_token")
+MODES = ("cover", "within_token", "exact")  # "exact": bld_scale.byteconv_exact
 # Extra working memory allowed per chunk of rows, as a fraction of the logits' own size.
 _CHUNK_MEMORY_FRACTION = 0.2
 _MIN_CHUNK_BYTES = 64 << 20
@@ -107,17 +107,24 @@ def _chunk_rows(num_rows: int, sorted_size: int, logits_bytes: int) -> int:
 
 @torch.no_grad()
 def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *,
-                  eos_id: int | None = None, mode: str = "cover") -> torch.Tensor:
+                  eos_id: int | None = None, mode: str = "cover", **exact) -> torch.Tensor:
     """Next-byte log-probabilities `[N + 1, 257]` of the teacher over one text.
 
     logprobs: `[L + 1, V]` teacher log-probabilities (float32 or bfloat16; computed in float32 /
       float64), row k = distribution of the token after BOS and the first k tokens of `ids`.
     ids: the L canonical teacher tokens of the text; vocab: their `TokenBytes`.
     eos_id: the teacher's end-of-sequence token; None gives EOT no mass before the end.
-    mode: "cover" (default) or "within_token".
+    mode: "cover" (default), "within_token", or "exact" (needs `teacher=`; further keyword
+      arguments go to `bld_scale.byteconv_exact.byte_logprobs_exact`).
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
     """
     _check_inputs(logprobs, ids, vocab, eos_id, mode)
+    if mode == "exact":
+        from .byteconv_exact import byte_logprobs_exact
+
+        return byte_logprobs_exact(logprobs, ids, vocab, eos_id=eos_id, **exact)
+    if exact:
+        raise TypeError(f"mode {mode!r} takes no {', '.join(exact)} (only mode 'exact' does)")
     device = logprobs.device
     data, starts = _token_layout(ids, vocab)
     n_bytes = len(data)
@@ -262,7 +269,7 @@ def _logaddexp_scatter(acc: torch.Tensor, target: torch.Tensor, value: torch.Ten
 
 
 def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vocab: TokenBytes, *,
-                        eos_id: int | None = None, mode: str = "cover"):
+                        eos_id: int | None = None, mode: str = "cover", **exact):
     """Batched `byte_logprobs` for the pipeline.
 
     logprobs: padded `[B, L_max + 1, V]`; ids: B lists of canonical tokens (row b uses its first
@@ -272,7 +279,7 @@ def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vo
     if logprobs.dim() != 3 or logprobs.shape[0] != len(ids):
         raise ValueError(f"logprobs must be [B, L_max + 1, V] with B = len(ids) = {len(ids)}; got "
                          f"{tuple(logprobs.shape)}")
-    rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode)
+    rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, **exact)
             for b, seq in enumerate(ids)]
     n_max = max(r.shape[0] for r in rows)
     out = torch.full((len(rows), n_max, NUM_BYTE_OUTCOMES), -math.inf, device=logprobs.device)

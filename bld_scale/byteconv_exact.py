@@ -1,0 +1,304 @@
+"""Exact next-byte distributions (mode "exact"): every valid cover, one extra tree-masked pass.
+
+The rule (what "exact" sums; see docs/byte-interface.md for `cover`)
+---------------------------------------------------------------------
+Write `x = x[0..N)` for the token bytes of the text (`b"".join(token_bytes(t_k))`, the rows of
+`byte_logprobs`), `enc` for the teacher tokenizer's own canonical encoding of a text
+(`TokenBytes`' encoder: the tokenizer itself, pre-tokenizer, merges and dummy prefix included).
+
+A *cover* of a byte string `y = x[0..n)` split at `e < n` is a token sequence `tau + [v]` with
+`bytes(tau) = x[0..e)` (the complete part) and `bytes(v)` starting with `x[e..n)` (the last token,
+which may run past `n`). A cover is *valid* when its complete part `tau` is a tokenization the
+tokenizer produces:
+
+    (a) tau = t_<k, a prefix of the canonical tokenization of the text, with s_k = e; or
+    (b) tau = enc(x[0..e)), the canonical tokenization of the prefix itself, when x[0..e) is a
+        text the tokenizer can take: it is valid UTF-8 (e is not inside a character) and, for a
+        SentencePiece dummy prefix, holds the text's first byte (the encoder's bytes must equal
+        x[0..e) exactly; otherwise there is no (b) context at e).
+
+Every other complete part is excluded: it is a token sequence that the tokenizer never produces
+for these bytes (for BPE, WordPiece-free SentencePiece and tiktoken alike: "encode(decode(tau))
+!= tau"). The last token `v` is not filtered: every token whose bytes start with `x[e..n)` counts,
+as in `cover`, with the teacher's own probability `p(v | tau)` (a trained teacher gives a
+non-canonical continuation little mass; filtering it would need a tokenizer call per vocabulary
+entry and is not defined for byte strings that end inside a character). So with `C_e` the (one or
+two) valid complete parts at `e`:
+
+    q_n(b)   ∝  sum_{e <= n} sum_{tau in C_e}  P(tau) · M_tau(x[e..n) + b)
+    q_n(EOT) ∝  sum_{tau in C_n} P(tau) · p(EOS | tau)
+
+normalised over the 257 outcomes; `q_N` is all EOT. Mode `cover` is the same sum with case (a)
+only, so `exact` adds exactly the contexts of case (b) that are not canonical prefixes: a token
+boundary inside a canonical token (or a different tokenization of a canonical prefix, where the
+tokenizer's encoding is not prefix-closed). For a byte-level tokenizer (the 256 single bytes) every
+(b) context is a canonical prefix and `exact` equals `cover`. This is the rule of Phan et al. 2024
+(valid covers only; for BPE a valid encoding's prefixes are valid, so its complete part is
+`enc(x[0..e))`) and of Hayase et al. 2025's valid covering tree, with their last-token pruning
+left to the teacher. It applies to every family `TokenBytes` supports (byte-level BPE such as
+GPT-2 / Llama-3 / Qwen2, SentencePiece with or without dummy prefix, tiktoken, or any encoder
+given to `TokenBytes`), because it only calls the encoder.
+
+Cost
+----
+The (b) contexts are `enc(x[0..e))` for the character boundaries `e` inside canonical tokens:
+about (bytes per token - 1) contexts per token. Each shares its longest common token prefix with
+the canonical tokenization and adds a few tokens; all of them form a tree hanging off the
+canonical sequence, run in one forward with a tree attention mask (`bld_scale.tree_forward`,
+chunked to `max_tokens` query positions). The sums over next tokens reuse the sorted-vocabulary
+ranges and the log-space mixing of `cover`.
+
+`prefix_window` (tokens, default 16): `enc(x[0..e))` is computed as `t_<j + enc(x[s_j..e))` with
+`j` that many canonical tokens before `e` (one tokenizer call on a short string per context).
+That equals the full encoding whenever the tokenizer's split at `s_j` is stable (a pre-token
+boundary of byte-level BPE, far enough back for BPE merges), which holds in practice; `None`
+encodes the whole prefix every time (quadratic in the text length; the tests use it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .byteconv import (EOT, NUM_BYTE_OUTCOMES, _chunk_rows, _logaddexp_scatter, _refine_small_masses,
+                       _RunningSums, _token_layout)
+from .tree_forward import tree_logprobs
+from .vocab import TokenBytes
+
+
+@dataclass
+class ExactContexts:
+    """The (b) contexts of one text and the tree that runs them."""
+
+    shift: int  # rows before the text's byte 0 (SentencePiece dummy prefix)
+    starts: list = field(default_factory=list)  # e of each extra context
+    tokens: list = field(default_factory=list)  # its full token tuple tau
+    anchor: list = field(default_factory=list)  # longest common prefix with the canonical ids
+    node_of: list = field(default_factory=list)  # tree node holding its last token
+    parent: list = field(default_factory=list)  # tree: prefix position, or P + node
+    node_token: list = field(default_factory=list)
+
+
+def _detect_shift(ids, data: bytes, vocab: TokenBytes) -> int:
+    for shift in (0, 1):
+        if shift and data[:1] != b" ":
+            break
+        try:
+            text = data[shift:].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if [int(i) for i in vocab._encode_ids(text)] == [int(i) for i in ids]:
+            return shift
+    raise ValueError(f"{vocab.name}: mode 'exact' needs the text's canonical tokens (from "
+                     "TokenBytes.encode(text)); these ids are not what the tokenizer produces for "
+                     "their own bytes")
+
+
+def _encode_bytes(vocab: TokenBytes, piece: bytes):
+    ids = [int(i) for i in vocab._encode_ids(piece.decode("utf-8"))]
+    got = b"".join((vocab.token_bytes(i) or b"\0\0") if 0 <= i < vocab.vocab_size else b"\0\0"
+                   for i in ids)
+    return ids, got
+
+
+def prefix_encoding(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts: np.ndarray, shift: int,
+                    e: int, prefix_window: int | None):
+    """enc(x[0..e)) as token ids, or None when x[0..e) is not a text of the tokenizer (case (b))."""
+    if e < shift or (e < len(data) and (data[e] & 0xC0) == 0x80):
+        return None
+    if e == shift:
+        return None  # the empty text: no tokens, and with a dummy prefix no byte-exact encoding
+    if prefix_window is not None and shift == 0:
+        k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
+        j = max(0, k - int(prefix_window))
+        while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
+            j -= 1
+        local, got = _encode_bytes(vocab, data[starts[j]:e])
+        if got == data[starts[j]:e]:
+            return [int(i) for i in ids[:j]] + local
+    full, got = _encode_bytes(vocab, data[shift:e])
+    return full if got == data[:e] else None
+
+
+def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int | None = 16) -> ExactContexts:
+    """Every (b) context of the rule that is not a canonical prefix, and the tree that runs them."""
+    ids = [int(i) for i in ids]
+    data, starts = _token_layout(ids, vocab)
+    shift = _detect_shift(ids, data, vocab)
+    ctx = ExactContexts(shift=shift)
+    boundary = {int(s): k for k, s in enumerate(starts)}
+    P = len(ids) + 1
+    trie: dict[tuple, int] = {}
+    for e in range(1, len(data)):
+        tau = prefix_encoding(vocab, ids, data, starts, shift, e, prefix_window)
+        if tau is None:
+            continue
+        k = boundary.get(e)
+        if k is not None and tau == ids[:k]:
+            continue  # the canonical prefix: already a `cover` context
+        a = 0
+        while a < min(len(tau), len(ids)) and tau[a] == ids[a]:
+            a += 1
+        parent = a  # prefix position of [BOS] t_1..t_a
+        for tok in tau[a:]:
+            key = (parent, tok)
+            node = trie.get(key)
+            if node is None:
+                node = len(ctx.parent)
+                trie[key] = node
+                ctx.parent.append(parent)
+                ctx.node_token.append(tok)
+            parent = P + node
+        ctx.starts.append(e)
+        ctx.tokens.append(tuple(tau))
+        ctx.anchor.append(a)
+        ctx.node_of.append(parent - P)
+    return ctx
+
+
+def _context_edges(rows: torch.Tensor, ctx_start: np.ndarray, log_weight: torch.Tensor, data: bytes,
+                   vocab: TokenBytes, memory_bytes: int):
+    """Edges (context, target byte cell, log value) of every split of every context, as in cover."""
+    device = rows.device
+    index = vocab.index
+    tables = index.torch_tables(device)
+    c, end, node = index.walk(data, ctx_start)
+    keep = end < len(data)
+    c, end, node = c[keep], end[keep], node[keep]
+    counts = index.child_count[node]
+    order = np.argsort(c, kind="stable")
+    c, end, node, counts = c[order], end[order], node[order], counts[order]
+    edge_offsets = np.concatenate([[0], np.cumsum(counts)])
+    sorted_size = index.perm.size
+    n_rows = rows.shape[0]
+    chunk = _chunk_rows(n_rows, sorted_size, memory_bytes)
+    running = _RunningSums(chunk, sorted_size, device)
+    edges = {"k": [], "lo": [], "hi": [], "target": [], "value": []}
+    for k0 in range(0, n_rows, chunk):
+        k1 = min(k0 + chunk, n_rows)
+        p0, p1 = np.searchsorted(c, [k0, k1])
+        if p0 == p1:
+            continue
+        running.load(rows[k0:k1], tables["perm"])
+        e0, e1 = edge_offsets[p0], edge_offsets[p1]
+        pair = np.repeat(np.arange(p0, p1), counts[p0:p1])
+        child = index.child_start[node[pair]] + (np.arange(e0, e1) - edge_offsets[pair])
+        child_t = torch.as_tensor(child, device=device)
+        k_t = torch.as_tensor(c[pair], device=device)
+        lo, hi = tables["node_lo"][child_t], tables["node_hi"][child_t]
+        mass = running.mass(k_t - k0, lo, hi)
+        edges["k"].append(k_t)
+        edges["lo"].append(lo)
+        edges["hi"].append(hi)
+        edges["value"].append(torch.log(mass) + log_weight[k_t])
+        edges["target"].append(torch.as_tensor(end[pair], device=device) * NUM_BYTE_OUTCOMES
+                               + tables["node_byte"][child_t])
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    if not edges["value"]:
+        return {"k": empty, "lo": empty, "hi": empty, "target": empty,
+                "value": torch.zeros(0, dtype=torch.float64, device=device)}
+    return {name: torch.cat(parts) for name, parts in edges.items()}
+
+
+def _default_bos(teacher, eos_id):
+    config = getattr(teacher, "config", None)
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    if eos_id is not None:
+        return int(eos_id)
+    raise ValueError("mode 'exact' runs the teacher on [BOS] + tokens: pass bos_id=")
+
+
+@torch.no_grad()
+def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *, teacher=None,
+                        eos_id: int | None = None, bos_id: int | None = None,
+                        prefix_window: int | None = 16, max_tokens: int = 4096,
+                        info: dict | None = None) -> torch.Tensor:
+    """Exact next-byte log-probabilities `[N + 1, 257]` (see the module docstring for the rule).
+
+    logprobs: the teacher's one-pass `[L + 1, V]` log-probabilities over `[BOS] + ids` (as for
+      `cover`); teacher: the same model (Hugging Face causal LM or a callable, see
+      `tree_forward.tree_logprobs`); bos_id: the first input token (defaults to the model config's
+      BOS, then EOS). `info`, when a dict, receives counts (contexts, tree nodes).
+    """
+    if teacher is None:
+        raise ValueError("mode 'exact' needs the teacher model: byte_logprobs(..., mode='exact', teacher=model)")
+    device = logprobs.device
+    ids = [int(i) for i in ids]
+    data, starts = _token_layout(ids, vocab)
+    n_bytes = len(data)
+    out = torch.full((n_bytes + 1, NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
+    out[n_bytes, EOT] = 0.0
+    if n_bytes == 0:
+        return out.float()
+    bos = _default_bos(teacher, eos_id) if bos_id is None else int(bos_id)
+
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
+    canon = logprobs[torch.arange(len(ids), device=device), ids_t].double()
+    log_prefix = torch.cat([canon.new_zeros(1), torch.cumsum(canon, 0)])
+
+    ctx = exact_contexts(ids, vocab, prefix_window=prefix_window)
+    M = len(ctx.parent)
+    if M:
+        tree = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token,
+                             max_tokens=max_tokens).to(device)
+        parent = np.asarray(ctx.parent)
+        tok = torch.as_tensor(ctx.node_token, device=device)
+        node_lp = torch.empty(M, dtype=torch.float64, device=device)
+        for j in range(M):  # parents first
+            p = int(parent[j])
+            if p <= len(ids):
+                node_lp[j] = log_prefix[p] + logprobs[p, tok[j]].double()
+            else:
+                node_lp[j] = node_lp[p - len(ids) - 1] + tree[p - len(ids) - 1, tok[j]].double()
+        node_idx = torch.as_tensor(ctx.node_of, device=device, dtype=torch.int64)
+        extra_rows = tree[node_idx]
+        extra_w = node_lp[node_idx]
+        extra_start = np.asarray(ctx.starts, dtype=np.int64)
+    if info is not None:
+        info.update(contexts=len(ctx.starts), tree_nodes=M, tokens=len(ids), bytes=n_bytes)
+
+    logits_bytes = logprobs.numel() * logprobs.element_size()
+    if eos_id is not None:  # EOT where a valid complete tokenization ends
+        out[torch.as_tensor(starts, device=device), EOT] = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()
+        if M:
+            _logaddexp_scatter(out.view(-1), torch.as_tensor(extra_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
+                               extra_w + extra_rows[:, int(eos_id)].double())
+    canon_edges = _context_edges(logprobs[: len(ids)], starts, log_prefix, data, vocab, logits_bytes)
+    parts = [(canon_edges, logprobs, log_prefix)]
+    if M:
+        parts.append((_context_edges(extra_rows, extra_start, extra_w, data, vocab, logits_bytes),
+                      extra_rows, extra_w))
+    eot_only = out.clone()
+    for edges, _, _ in parts:
+        _logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
+    perm = vocab.index.torch_tables(device)["perm"]
+    refined = [(_refine_small_masses(out, edges, w, rows, perm) if edges["value"].numel() else False)
+               for edges, rows, w in parts]
+    if any(refined):
+        out = eot_only
+        for edges, _, _ in parts:
+            _logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
+    norm = torch.logsumexp(out, dim=1, keepdim=True)
+    out = torch.where(torch.isfinite(norm), out - norm, out)
+    return out.float()
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, ids: Sequence[int], bos_id: int) -> torch.Tensor:
+    """The one-pass `[L + 1, V]` log-probabilities of `teacher` over `[BOS] + ids`."""
+    try:
+        device = next(teacher.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    x = torch.as_tensor([int(bos_id)] + [int(i) for i in ids], device=device)[None]
+    out = teacher(input_ids=x)
+    logits = getattr(out, "logits", out)[0]
+    return torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)

@@ -94,7 +94,7 @@ def test_two_ranks_match_one_rank(deepspeed_two_ranks, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.max_step=4", "train.max_steps"),             # unknown key: the valid one is suggested
+    ("train.max_step=4", "max_steps"),                   # unknown key: the valid one is suggested
     ("train.max_steps=four", "train.max_steps"),          # wrong type
     ("distill.method=kd", "ce"),                          # bad choice: the valid ones are named
     ("teacher.path=/nonexistent/teacher", "/nonexistent/teacher"),  # missing file

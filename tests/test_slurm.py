@@ -63,3 +63,30 @@ def test_sbatch_two_ranks(cluster, tmp_path):
     assert r["world"] == 2 and r["restart_count"] == 0
     losses = [s["loss"] for s in r["steps"]]
     assert losses[-1] < losses[0], losses
+
+
+def test_usr1_requeues_and_restarts(cluster, tmp_path):
+    """--signal=B:USR1@N: the trap requeues; the job runs again with SLURM_RESTART_COUNT=1."""
+    import time
+
+    marker = tmp_path / "starts.txt"
+    # 2-minute limit, signal 100 s before it: USR1 ~20 s in (SLURM checks limits every ~30 s).
+    sub = cluster.client(["sbatch", "--parsable", "--nodes=1", "--time=2", "--signal=B:USR1@100",
+                          f"--output={tmp_path}/slurm-%j.out",
+                          _export(BLD_ENTRY="tests/scripts/requeue_probe.py", BLD_NPROC_PER_NODE="1"),
+                          str(SBATCH), str(marker)], cwd=tmp_path, check=True)
+    job = sub.stdout.strip().split(";")[0]
+    deadline, nudged, state = time.time() + 420, False, ""
+    while time.time() < deadline:
+        state = cluster.client(["scontrol", "show", "job", job, "-o"]).stdout
+        if "JobState=COMPLETED" in state or "JobState=FAILED" in state:
+            break
+        if "JobState=PENDING" in state and "Restarts=1" in state and not nudged:
+            # A requeued job is held back ~2.5 min (BeginTime); start it now.
+            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            nudged = True
+        time.sleep(2)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert "JobState=COMPLETED" in state, f"{state}\n{logs[-4000:]}"
+    assert marker.read_text().split("\n")[:2] == ["start 0", "start 1"], marker.read_text()
+    assert "USR1" in logs and "restart=1" in logs, logs[-4000:]  # --open-mode=append kept run 1

@@ -235,8 +235,8 @@ def apply_override(recipe: Recipe, item: str) -> None:
         except yaml.YAMLError as e:
             raise RecipeError(f"override {key!r}: cannot parse value {text!r}: {e}") from None
     value = _convert(value, tp, key, f)
-    if f.metadata.get("path"):
-        value = _resolve(value, f.metadata, Path.cwd())
+    if f.metadata.get("path") or (isinstance(obj, DeepSpeedConfig) and value not in DS_CONFIG_NAMES):
+        value = _resolve(value, f.metadata or {"path": "input"}, Path.cwd())
     setattr(obj, f.name, value)
 
 

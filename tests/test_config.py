@@ -128,8 +128,10 @@ def test_bad_overrides():
 
 def test_override_paths_resolve_against_cwd(recipe_dir, monkeypatch):
     monkeypatch.chdir(recipe_dir / "corpus")
-    r = load_recipe(recipe_dir / "r.yaml", ["data.train=a.txt"])
+    (recipe_dir / "corpus" / "ds.json").write_text("{}")
+    r = load_recipe(recipe_dir / "r.yaml", ["data.train=a.txt", "deepspeed.config=ds.json"])
     assert r.data.train == [str(recipe_dir / "corpus" / "a.txt")]
+    assert r.deepspeed.config == str(recipe_dir / "corpus" / "ds.json")
 
 
 @pytest.mark.parametrize("override, key", [

@@ -106,7 +106,8 @@ def _encode_bytes(vocab: TokenBytes, piece: bytes):
 
 def prefix_encoding(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts: np.ndarray, shift: int,
                     e: int, prefix_window: int | None):
-    """enc(x[0..e)) as token ids, or None when x[0..e) is not a text of the tokenizer (case (b))."""
+    """(enc(x[0..e)) as token ids, a length it surely shares with `ids`), or None when x[0..e) is
+    not a text of the tokenizer (case (b))."""
     if e < shift or (e < len(data) and (data[e] & 0xC0) == 0x80):
         return None
     if e == shift:
@@ -118,9 +119,9 @@ def prefix_encoding(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts: 
             j -= 1
         local, got = _encode_bytes(vocab, data[starts[j]:e])
         if got == data[starts[j]:e]:
-            return [int(i) for i in ids[:j]] + local
+            return list(ids[:j]) + local, j
     full, got = _encode_bytes(vocab, data[shift:e])
-    return full if got == data[:e] else None
+    return (full, 0) if got == data[:e] else None
 
 
 def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int | None = 16) -> ExactContexts:
@@ -133,14 +134,15 @@ def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int 
     P = len(ids) + 1
     trie: dict[tuple, int] = {}
     for e in range(1, len(data)):
-        tau = prefix_encoding(vocab, ids, data, starts, shift, e, prefix_window)
-        if tau is None:
+        found = prefix_encoding(vocab, ids, data, starts, shift, e, prefix_window)
+        if found is None:
             continue
+        tau, a = found
         k = boundary.get(e)
-        if k is not None and tau == ids[:k]:
+        if k is not None and len(tau) == k and tau[a:] == ids[a:k]:
             continue  # the canonical prefix: already a `cover` context
-        a = 0
-        while a < min(len(tau), len(ids)) and tau[a] == ids[a]:
+        limit = min(len(tau), len(ids))
+        while a < limit and tau[a] == ids[a]:
             a += 1
         parent = a  # prefix position of [BOS] t_1..t_a
         for tok in tau[a:]:
@@ -224,40 +226,52 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
     """Exact next-byte log-probabilities `[N + 1, 257]` (see the module docstring for the rule).
 
     logprobs: the teacher's one-pass `[L + 1, V]` log-probabilities over `[BOS] + ids` (as for
-      `cover`); teacher: the same model (Hugging Face causal LM or a callable, see
+      `cover`), or None: the tree forward then carries the canonical sequence too and its rows
+      are used (one teacher forward in all, over L + 1 + tree tokens); teacher: the same model (Hugging Face causal LM or a callable, see
       `tree_forward.tree_logprobs`); bos_id: the first input token (defaults to the model config's
       BOS, then EOS). `info`, when a dict, receives counts (contexts, tree nodes).
     """
     if teacher is None:
         raise ValueError("mode 'exact' needs the teacher model: byte_logprobs(..., mode='exact', teacher=model)")
-    device = logprobs.device
     ids = [int(i) for i in ids]
+    bos = _default_bos(teacher, eos_id) if bos_id is None else int(bos_id)
+    ctx = exact_contexts(ids, vocab, prefix_window=prefix_window)
+    M = len(ctx.parent)
+    tree = None
+    if logprobs is None:
+        tree, logprobs = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token,
+                                       max_tokens=max_tokens, with_prefix=True)
+    device = logprobs.device
     data, starts = _token_layout(ids, vocab)
     n_bytes = len(data)
     out = torch.full((n_bytes + 1, NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
     out[n_bytes, EOT] = 0.0
     if n_bytes == 0:
         return out.float()
-    bos = _default_bos(teacher, eos_id) if bos_id is None else int(bos_id)
 
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
     canon = logprobs[torch.arange(len(ids), device=device), ids_t].double()
     log_prefix = torch.cat([canon.new_zeros(1), torch.cumsum(canon, 0)])
 
-    ctx = exact_contexts(ids, vocab, prefix_window=prefix_window)
-    M = len(ctx.parent)
     if M:
-        tree = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token,
-                             max_tokens=max_tokens).to(device)
+        if tree is None:
+            tree = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token, max_tokens=max_tokens)
+        tree = tree.to(device)
         parent = np.asarray(ctx.parent)
         tok = torch.as_tensor(ctx.node_token, device=device)
         node_lp = torch.empty(M, dtype=torch.float64, device=device)
-        for j in range(M):  # parents first
-            p = int(parent[j])
-            if p <= len(ids):
-                node_lp[j] = log_prefix[p] + logprobs[p, tok[j]].double()
-            else:
-                node_lp[j] = node_lp[p - len(ids) - 1] + tree[p - len(ids) - 1, tok[j]].double()
+        P = len(ids) + 1
+        is_root = parent < P
+        roots = torch.as_tensor(np.flatnonzero(is_root), device=device)
+        root_parent = torch.as_tensor(parent[is_root], device=device)
+        node_lp[roots] = log_prefix[root_parent] + logprobs[root_parent, tok[roots]].double()
+        done = is_root.copy()
+        while not done.all():  # one tree level at a time
+            ready = np.flatnonzero(~done & done[np.maximum(parent - P, 0)] & ~is_root)
+            up = torch.as_tensor(parent[ready] - P, device=device)
+            ready_t = torch.as_tensor(ready, device=device)
+            node_lp[ready_t] = node_lp[up] + tree[up, tok[ready_t]].double()
+            done[ready] = True
         node_idx = torch.as_tensor(ctx.node_of, device=device, dtype=torch.int64)
         extra_rows = tree[node_idx]
         extra_w = node_lp[node_idx]

@@ -45,7 +45,8 @@ def _model_dtype_device(teacher):
 
 @torch.no_grad()
 def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tokens: Sequence[int], *,
-                  max_tokens: int = 4096, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  max_tokens: int = 4096, dtype: torch.dtype | None = None,
+                  with_prefix: bool = False):
     """Log-softmax of the teacher after every tree node, `[M, V]`.
 
     teacher: a Hugging Face causal LM (or any callable taking `input_ids [1, Q]`,
@@ -57,13 +58,20 @@ def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tok
       earlier (`parent[j] - P < j`).
     tokens: the node's token id.
     max_tokens: the most query positions one forward takes (memory bound); whole branches only.
+    with_prefix: also return the log-softmax after every prefix position, `[P, V]` (the one-pass
+      rows: the last chunk then carries the whole prefix), as `(nodes, prefix)`.
     """
     prefix_ids = np.asarray(prefix_ids, dtype=np.int64)
     parent = np.asarray(parent, dtype=np.int64)
     tokens = np.asarray(tokens, dtype=np.int64)
     P, M = prefix_ids.size, parent.size
     if M == 0:
-        return torch.zeros((0, 0))
+        if not with_prefix:
+            return torch.zeros((0, 0))
+        _, device = _model_dtype_device(teacher)
+        logits = _call_teacher(teacher, torch.as_tensor(prefix_ids, device=device)[None], None, None)[0]
+        prefix_lp = _log_softmax(logits)
+        return prefix_lp.new_zeros((0, prefix_lp.shape[-1])), prefix_lp
     if np.any(parent < 0) or np.any((parent >= P) & (parent - P >= np.arange(M))):
         raise ValueError("tree nodes must come after their parent (parent[j] < P, or parent[j] - P < j)")
     # Root of each node's branch, anchor (prefix position) of the branch, position id of the node.
@@ -99,11 +107,14 @@ def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tok
     if cur:
         chunks.append(cur)
 
-    out = None
-    for chunk in chunks:
+    out = prefix_lp = None
+    for number, chunk in enumerate(chunks):
         nodes = np.concatenate([np.asarray(members[r], dtype=np.int64) for r in chunk])
         nodes.sort()  # keeps parents before children
         A = int(anchor[chunk].max()) + 1  # prefix positions this chunk needs
+        last = number == len(chunks) - 1
+        if with_prefix and last:
+            A = P
         Q = A + nodes.size
         local = np.full(M, -1, dtype=np.int64)
         local[nodes] = A + np.arange(nodes.size)
@@ -120,13 +131,20 @@ def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tok
         mask.masked_fill_(~allowed, neg)
         ids = torch.as_tensor(np.concatenate([prefix_ids[:A], tokens[nodes]]), device=device)
         pos = torch.as_tensor(np.concatenate([np.arange(A), depth[nodes]]), device=device)
-        logits = _call_teacher(teacher, ids[None], mask[None, None].to(device), pos[None])[0, A:]
-        lp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
-                               else logits, dim=-1)
+        logits = _call_teacher(teacher, ids[None], mask[None, None].to(device), pos[None])[0]
+        if with_prefix and last:
+            prefix_lp = _log_softmax(logits[:A])
+        lp = _log_softmax(logits[A:])
         if out is None:
             out = torch.empty((M, lp.shape[-1]), dtype=lp.dtype, device=lp.device)
         out[torch.as_tensor(nodes, device=lp.device)] = lp
-    return out
+    return (out, prefix_lp) if with_prefix else out
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()

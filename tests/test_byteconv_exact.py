@@ -216,3 +216,16 @@ def test_batch_and_errors():
         byte_logprobs(lp[0, : len(ids[0]) + 1], ids[0], vocab, mode="exact")
     with pytest.raises(TypeError, match="only mode 'exact'"):
         byte_logprobs(lp[0, : len(ids[0]) + 1], ids[0], vocab, mode="cover", teacher=model)
+
+
+def test_one_forward_without_given_logprobs_gives_the_same_numbers():
+    """logprobs=None: the canonical sequence rides in the tree forward; same numbers."""
+    vocab = table_vocab(SMALL)
+    model = tiny_llama(vocab.vocab_size, seed=8)
+    bos = eos = vocab.vocab_size - 1
+    for text in ["there they é😀 here", "x", ""]:
+        ids, _ = vocab.encode(text)
+        lp = teacher_logprobs(model, ids, bos)
+        given = byte_logprobs_exact(lp, ids, vocab, teacher=model, eos_id=eos, bos_id=bos)
+        alone = byte_logprobs_exact(None, ids, vocab, teacher=model, eos_id=eos, bos_id=bos, max_tokens=12)
+        assert (given.double().exp() - alone.double().exp()).abs().max() < 1e-6

@@ -231,12 +231,14 @@ class Pipeline:
                 loss, logs = distill_step(self._teacher_forward, self.student, batch, self.settings,
                                           self.sides.teacher_vocab)
                 self.student.backward(loss)
+                lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
             progress.update(1)
             if step % t.log_interval == 0 or step == t.max_steps:
                 record = self._reduce_logs(sums, step, time.perf_counter() - window_start)
+                record["lr"] = lr
                 self.metrics.log(step, "train", record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
                 sums, window_start = {}, time.perf_counter()
@@ -261,7 +263,6 @@ class Pipeline:
         totals = dict(zip(keys, self._all_sum([sums[k] for k in keys])))
         count = self._micro_count(step)  # every rank ran the same micro-batches since the last log
         record = {k: v / count for k, v in totals.items() if k not in ("tokens", "bytes")}
-        record["lr"] = self.student.get_lr()[0]
         record["tokens_per_s"] = totals.get("tokens", 0.0) / seconds
         record["bytes_per_s"] = totals.get("bytes", 0.0) / seconds
         record["data_position"] = self.stream.position

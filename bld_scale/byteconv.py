@@ -281,9 +281,15 @@ def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vo
                          f"{tuple(logprobs.shape)}")
     rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, **exact)
             for b, seq in enumerate(ids)]
+    return pad_byte_rows(rows)
+
+
+def pad_byte_rows(rows: Sequence[torch.Tensor]):
+    """Stack per-text `[N_b + 1, 257]` rows into `(out [B, N_max + 1, 257], mask [B, N_max + 1])`."""
     n_max = max(r.shape[0] for r in rows)
-    out = torch.full((len(rows), n_max, NUM_BYTE_OUTCOMES), -math.inf, device=logprobs.device)
-    mask = torch.zeros((len(rows), n_max), dtype=torch.bool, device=logprobs.device)
+    device = rows[0].device
+    out = torch.full((len(rows), n_max, NUM_BYTE_OUTCOMES), -math.inf, device=device)
+    mask = torch.zeros((len(rows), n_max), dtype=torch.bool, device=device)
     for b, r in enumerate(rows):
         out[b, : r.shape[0]] = r
         mask[b, : r.shape[0]] = True

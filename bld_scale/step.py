@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .byteconv import byte_logprobs_batch
+from .byteconv import byte_logprobs_batch, pad_byte_rows
 from .data import DistillBatch
 from .losses import bld_loss, gather_teacher_rows, token_ce, token_kd_loss, uld_loss
 from .vocab import TokenBytes
@@ -74,12 +74,28 @@ def uld_pairs(batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return b * J + j, b * L1 + k
 
 
+def exact_byte_targets(teacher_model, batch: DistillBatch, vocab: TokenBytes, eos_id: int | None):
+    """Exact next-byte targets, one tree-masked teacher forward per text (canonical tokens included).
+
+    Exactly one forward per text whatever the text, so ZeRO-3 ranks stay in step (every rank
+    must call the sharded teacher the same number of times).
+    """
+    from .byteconv_exact import byte_logprobs_exact
+
+    rows = [byte_logprobs_exact(None, ids, vocab, teacher=teacher_model, eos_id=eos_id,
+                                bos_id=int(batch.teacher_input_ids[b, 0]), max_tokens=1 << 30)
+            for b, ids in enumerate(batch.teacher_ids)]
+    return pad_byte_rows(rows)
+
+
 def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch,
-                 settings: StepSettings, teacher_vocab: TokenBytes | None = None):
+                 settings: StepSettings, teacher_vocab: TokenBytes | None = None, teacher_model=None):
     """Loss of one batch and the logs of each term (detached).
 
-    Returns `(loss, logs)`; logs hold `loss`, `loss_ce`, and per method `loss_byte_ce`,
-    `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens` and `bytes` counted in the batch.
+    `teacher_model` (the module or engine behind `teacher_forward`) is needed by conversion
+    "exact", which runs tree-masked forwards. Returns `(loss, logs)`; logs hold `loss`,
+    `loss_ce`, and per method `loss_byte_ce`, `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens`
+    and `bytes` counted in the batch.
     """
     method = settings.method
     token_logits, byte_logits = student(input_ids=batch.student_input_ids,
@@ -92,18 +108,24 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
         return loss, {"loss": loss.detach(), "loss_ce": loss.detach(), **counts}
     if teacher_forward is None:
         raise ValueError(f"distill.method={method!r} needs a teacher")
-    logprobs = teacher_logprobs(teacher_forward, batch)
     if method == "bld":
         if teacher_vocab is None:
             raise ValueError("method 'bld' needs the teacher's TokenBytes for the conversion")
-        q, q_mask = byte_logprobs_batch(logprobs, batch.teacher_ids, teacher_vocab,
-                                        eos_id=settings.teacher_eos_id, mode=settings.conversion)
+        if settings.conversion == "exact":
+            if teacher_model is None:
+                raise ValueError("conversion 'exact' needs the teacher model (teacher_model=...)")
+            q, q_mask = exact_byte_targets(teacher_model, batch, teacher_vocab, settings.teacher_eos_id)
+        else:
+            q, q_mask = byte_logprobs_batch(teacher_logprobs(teacher_forward, batch), batch.teacher_ids,
+                                            teacher_vocab, eos_id=settings.teacher_eos_id,
+                                            mode=settings.conversion)
         rows, row_mask = gather_teacher_rows(q, batch.teacher_rows, q_mask)
         loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
                               rows, row_mask, lambda_b=settings.lambda_b, lambda_kl=settings.lambda_kl,
                               divergence=settings.divergence, beta=settings.beta,
                               temperature=settings.temperature)
         return loss, {**{k: v.detach() for k, v in logs.items()}, "loss": loss.detach(), **counts}
+    logprobs = teacher_logprobs(teacher_forward, batch)
     ce = token_ce(token_logits, batch.student_labels)
     if method == "token_kd":
         mask = batch.student_labels != -100

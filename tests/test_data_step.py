@@ -173,3 +173,36 @@ def test_plain_loop_learns(tiny_pair):
         opt.step()
     after, _ = student_nll(student, batch)
     assert after < before and n_bytes == int(batch.n_text_bytes.sum())
+
+
+def test_bld_with_exact_targets_runs_one_tree_forward_per_text(tiny_pair):
+    from bld_scale.step import exact_byte_targets
+
+    teacher, t_vocab, s_vocab, batch = tiny_pair
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, **kw):
+            calls.append(kw["input_ids"].shape)
+            return self.inner(**kw)
+
+    counted = Counting(teacher)
+    q, mask = exact_byte_targets(counted, batch, t_vocab, None)
+    assert len(calls) == len(batch.teacher_ids)
+    # one forward carrying the canonical sequence and the tree gives the numbers of the
+    # two-forward call (a plain forward, then the tree)
+    from bld_scale.byteconv_exact import byte_logprobs_exact
+
+    lp = torch.log_softmax(teacher(input_ids=batch.teacher_input_ids[:1, : len(batch.teacher_ids[0]) + 1]).logits[0].float(), -1)
+    direct = byte_logprobs_exact(lp, batch.teacher_ids[0], t_vocab, teacher=teacher,
+                                 bos_id=int(batch.teacher_input_ids[0, 0]))
+    torch.testing.assert_close(q[0, : direct.shape[0]], direct, atol=1e-5, rtol=0)
+    student = _student(s_vocab, head="linear")
+    loss, logs = distill_step(_teacher_fn(teacher), student, batch, StepSettings(method="bld", conversion="exact"),
+                              teacher_vocab=t_vocab, teacher_model=teacher)
+    assert torch.isfinite(loss) and "loss_kl" in logs

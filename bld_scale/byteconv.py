@@ -165,14 +165,15 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
         child = index.child_start[split_node[pair_of_edge]] + (np.arange(e0, e1) - edge_offsets[pair_of_edge])
         child_t = torch.as_tensor(child, device=device)
         k_of_edge = torch.as_tensor(split_k[pair_of_edge], device=device)
-        lo, hi = tables["node_lo"][child_t], tables["node_hi"][child_t]
+        # index_select, not t[idx]: measured ~30x faster for these 1-D gathers on CPU
+        lo, hi = tables["node_lo"].index_select(0, child_t), tables["node_hi"].index_select(0, child_t)
         mass = running.mass(k_of_edge - k0, lo, hi)
         edges["k"].append(k_of_edge)
         edges["lo"].append(lo)
         edges["hi"].append(hi)
-        edges["value"].append(torch.log(mass) + log_prefix[k_of_edge])
+        edges["value"].append(torch.log(mass) + log_prefix.index_select(0, k_of_edge))
         edges["target"].append(torch.as_tensor(split_n[pair_of_edge], device=device) * NUM_BYTE_OUTCOMES
-                               + tables["node_byte"][child_t])
+                               + tables["node_byte"].index_select(0, child_t))
     del running
     if edges["value"]:
         edges = {name: torch.cat(parts) for name, parts in edges.items()}
@@ -234,8 +235,9 @@ class _RunningSums:
     def __init__(self, rows: int, size: int, device):
         self.size = size
         self.values = torch.empty((rows, size), dtype=torch.float32, device=device)
-        self.wide = torch.zeros((rows, size + 1), dtype=torch.float64, device=device)
-        self.sums = torch.zeros((rows, size + 1), dtype=torch.float64, device=device)
+        self.wide = torch.empty((rows, size + 1), dtype=torch.float64, device=device)
+        self.wide[:, 0] = 0.0  # S(0) = 0; the rest is overwritten on every load
+        self.sums = torch.empty((rows, size + 1), dtype=torch.float64, device=device)
 
     def load(self, logprobs: torch.Tensor, perm: torch.Tensor) -> None:
         r = logprobs.shape[0]
@@ -245,13 +247,13 @@ class _RunningSums:
         else:
             vals.copy_(logprobs.index_select(1, perm))
         vals.exp_()
-        self.wide[:r, 1:].copy_(vals)  # column 0 stays 0: S(0) = 0
+        self.wide[:r, 1:].copy_(vals)
         torch.cumsum(self.wide[:r], dim=1, out=self.sums[:r])
 
     def mass(self, row: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         flat = self.sums.view(-1)
         base = row * (self.size + 1)
-        return (flat[base + hi] - flat[base + lo]).clamp_min(0.0)
+        return (flat.index_select(0, base + hi) - flat.index_select(0, base + lo)).clamp_min(0.0)
 
 
 def _logaddexp_scatter(acc: torch.Tensor, target: torch.Tensor, value: torch.Tensor) -> None:

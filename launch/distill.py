@@ -3,6 +3,11 @@
 Without --config it runs the embedded demo recipe (launch/recipes/demo.yaml: the shipped teacher,
 student tokenizer and text; CPU when there is no GPU). Every recipe key can be overridden with a
 dotted `key=value`; the recipe is validated before any heavy work.
+
+Rerunning the same command with the same output_dir resumes from the run's current checkpoint
+(`checkpoint.dir`, default <output_dir>/checkpoints); a folder that holds a run without a
+checkpoint, or a checkpoint made with other models or tokenizers, is refused unless --fresh.
+SIGTERM or SIGUSR1 to the ranks makes every rank save at the next step boundary and exit 0.
 """
 import argparse
 import os
@@ -16,8 +21,14 @@ DEMO_RECIPE = ROOT / "launch" / "recipes" / "demo.yaml"
 
 
 def main(argv=None) -> int:
+    # First, before the heavy imports: a preemption signal during start-up must not kill the rank.
+    from bld_scale.checkpoint import install_stop_handlers
+
+    install_stop_handlers()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="recipe YAML (default: the embedded demo)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the run in output_dir (checkpoints, metrics, outputs) and start over")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.max_steps=4")
     args = parser.parse_args(argv)
@@ -29,9 +40,15 @@ def main(argv=None) -> int:
     except RecipeError as err:
         print(f"bld_scale: bad recipe: {err}", file=sys.stderr)
         return 2
+    from bld_scale.checkpoint import ResumeError
     from bld_scale.train import run
 
-    run(recipe)
+    try:
+        run(recipe, fresh=args.fresh)
+    except ResumeError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"bld_scale: cannot resume: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,6 +6,10 @@ itself lives in `bld_scale.step` and never sees DeepSpeed.
 
 Under ZeRO-3 every rank must call each engine's forward the same number of times (each forward
 all-gathers parameter shards), so evaluation splits its windows evenly over ranks.
+
+Checkpoints (`bld_scale.checkpoint`, docs/checkpointing.md): every `checkpoint.interval` steps and
+at the end; a run in an output_dir with a checkpoint resumes from it (same losses as an
+uninterrupted run); SIGTERM/SIGUSR1 save at the next step boundary and return early.
 """
 from __future__ import annotations
 

@@ -21,7 +21,10 @@ def _plain(value):
 
 class MetricsWriter:
     def __init__(self, output_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True,
-                 wandb_project: str | None = None, run_config: dict | None = None):
+                 wandb_project: str | None = None, run_config: dict | None = None,
+                 purge_step: int | None = None):
+        """`purge_step`: on resume, the first step the run redoes; TensorBoard drops its events from
+        there on, as metrics.jsonl is cut back to the checkpoint."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = None
@@ -34,7 +37,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
             except ImportError:  # TensorBoard is optional
                 self._tb = None
         if wandb_project:

@@ -33,7 +33,7 @@ from .data import PairTokenizer, collate, resolve_bos
 from .datasource import WindowStream, heldout_windows, load_documents, rank_share
 from .metrics import LN2, byte_nll, token_nll
 from .byteconv import byte_logprobs
-from .step import StepSettings, check_same_tokenizer, distill_step, student_nll
+from .step import StepSettings, check_same_tokenizer, distill_step, exact_byte_targets, student_nll
 from .heads import HEAD_CONFIG_FILE
 from .student import build_student, save_student
 from .tracking import MetricsWriter
@@ -147,7 +147,8 @@ class Pipeline:
             out.mkdir(parents=True, exist_ok=True)
             save_resolved(recipe, out / "recipe.resolved.yaml")
         self.metrics = MetricsWriter(out, self.rank == 0, recipe.logging.tensorboard,
-                                     recipe.logging.wandb_project, recipe.to_dict())
+                                     recipe.logging.wandb_project, recipe.to_dict(),
+                                     purge_step=int(self.resumed["step"]) + 1 if self.resumed else None)
         student_cfg = build_ds_config(recipe, self.world)
         # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
         self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
@@ -291,13 +292,17 @@ class Pipeline:
             return None
         tok_nll = b_nll = n_bytes = 0.0
         mode = self.settings.conversion
+        vocab, eos = self.sides.teacher_vocab, self.sides.teacher_eos
         for batch in self._eval_batches():
             lp = torch.log_softmax(self._teacher_forward(batch.teacher_input_ids,
                                                          batch.teacher_attention_mask).float(), -1)
+            # exact: one tree forward per text on every rank (ZeRO-3 ranks must stay in step)
+            exact_q = exact_byte_targets(self.teacher, batch, vocab, eos)[0] if mode == "exact" else None
             for b, ids in enumerate(batch.teacher_ids):
                 rows = lp[b, : len(ids) + 1]
-                q = byte_logprobs(rows, ids, self.sides.teacher_vocab, eos_id=self.sides.teacher_eos, mode=mode)
-                data = b"".join(self.sides.teacher_vocab.token_bytes(i) for i in ids)
+                data = b"".join(vocab.token_bytes(i) for i in ids)
+                q = exact_q[b, : len(data) + 1] if exact_q is not None else \
+                    byte_logprobs(rows, ids, vocab, eos_id=eos, mode=mode)
                 tok_nll += token_nll(rows, ids)
                 b_nll += byte_nll(q, data)
                 n_bytes += float(batch.n_text_bytes[b])
@@ -348,7 +353,7 @@ class Pipeline:
             for m in range(t.grad_accum):
                 batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
                 loss, logs = distill_step(self._teacher_forward, self.student, batch, self.settings,
-                                          self.sides.teacher_vocab)
+                                          self.sides.teacher_vocab, teacher_model=self.teacher)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()

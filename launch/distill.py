@@ -12,7 +12,11 @@ SIGTERM or SIGUSR1 to the ranks makes every rank save at the next step boundary 
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
+
+# DeepSpeed calls torch.distributed collectives that torch now marks deprecated: noise, not news.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing

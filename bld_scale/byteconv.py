@@ -67,6 +67,19 @@ def _token_layout(ids: Sequence[int], vocab: TokenBytes) -> tuple[bytes, np.ndar
     return b"".join(pieces), starts.astype(np.int64)
 
 
+def _start_rows(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes):
+    """Common start of every mode: token bytes and starts, the output with its all-EOT last row,
+    and log P(t_<k) for k = 0..L (float64: prefix probabilities underflow fast)."""
+    device = logprobs.device
+    data, starts = _token_layout(ids, vocab)
+    out = torch.full((len(data) + 1, NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
+    out[len(data), EOT] = 0.0
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
+    canon = logprobs[torch.arange(len(ids), device=device), ids_t].double()
+    log_prefix = torch.cat([canon.new_zeros(1), torch.cumsum(canon, 0)])
+    return data, starts, out, log_prefix
+
+
 def _check_inputs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, eos_id, mode):
     if mode not in MODES:
         raise ValueError(f"unknown conversion mode {mode!r}; choose one of {', '.join(MODES)} "
@@ -126,16 +139,9 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
     if exact:
         raise TypeError(f"mode {mode!r} takes no {', '.join(exact)} (only mode 'exact' does)")
     device = logprobs.device
-    data, starts = _token_layout(ids, vocab)
-    n_bytes = len(data)
-    out = torch.full((n_bytes + 1, NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
-    out[n_bytes, EOT] = 0.0
-    if n_bytes == 0:
+    data, starts, out, log_prefix = _start_rows(logprobs, ids, vocab)
+    if not data:
         return out.float()
-
-    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
-    canon = logprobs[torch.arange(len(ids), device=device), ids_t].double()
-    log_prefix = torch.cat([canon.new_zeros(1), torch.cumsum(canon, 0)])  # log P(t_<k), k = 0..L
 
     if eos_id is not None:  # EOT at canonical boundaries n = s_k
         eot = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from .byteconv import (EOT, NUM_BYTE_OUTCOMES, _chunk_rows, _logaddexp_scatter, _refine_small_masses,
-                       _RunningSums, _token_layout)
+                       _RunningSums, _start_rows, _token_layout)
 from .tree_forward import tree_logprobs
 from .vocab import TokenBytes
 
@@ -242,16 +242,10 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
         tree, logprobs = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token,
                                        max_tokens=max_tokens, with_prefix=True)
     device = logprobs.device
-    data, starts = _token_layout(ids, vocab)
+    data, starts, out, log_prefix = _start_rows(logprobs, ids, vocab)
     n_bytes = len(data)
-    out = torch.full((n_bytes + 1, NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
-    out[n_bytes, EOT] = 0.0
     if n_bytes == 0:
         return out.float()
-
-    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
-    canon = logprobs[torch.arange(len(ids), device=device), ids_t].double()
-    log_prefix = torch.cat([canon.new_zeros(1), torch.cumsum(canon, 0)])
 
     if M:
         if tree is None:

@@ -10,6 +10,7 @@ import torch
 from bld_scale.byteconv import EOT, byte_logprobs, byte_logprobs_batch, row_shift
 from bld_scale.metrics import teacher_bpb, token_nll
 from bld_scale.vocab import TokenBytes
+from vocab_tables import SINGLE_BYTES, table_vocab
 
 
 # ---------------------------------------------------------------------- the reference
@@ -55,28 +56,6 @@ def assert_matches(got, ref):
     np.testing.assert_allclose(np.exp(got), np.exp(ref), atol=2e-6, rtol=0)
     big = np.exp(ref) > 1e-6
     np.testing.assert_allclose(got[big], ref[big], atol=2e-5, rtol=0)
-
-
-def table_vocab(pieces, specials=("<eos>",)):
-    """A TokenBytes over an explicit vocabulary, tokenizing by greedy longest match."""
-    table = [p.encode() if isinstance(p, str) else p for p in pieces] + [None] * len(specials)
-    by_len = sorted({len(p) for p in table if p}, reverse=True)
-    lookup = {p: i for i, p in enumerate(table) if p}
-
-    def encode(text):
-        data, ids, pos = text.encode(), [], 0
-        while pos < len(data):
-            for size in by_len:
-                if data[pos:pos + size] in lookup:
-                    ids.append(lookup[data[pos:pos + size]])
-                    pos += size
-                    break
-        return ids
-
-    return TokenBytes(name="table", table=table, vocab_size=len(table), _encode_ids=encode)
-
-
-SINGLE_BYTES = [bytes([b]) for b in range(256)]
 
 
 def random_logprobs(rows, vocab_size, scale, seed):

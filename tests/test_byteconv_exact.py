@@ -18,6 +18,7 @@ from bld_scale.byteconv import EOT, byte_logprobs, byte_logprobs_batch
 from bld_scale.byteconv_exact import byte_logprobs_exact, exact_contexts, teacher_logprobs
 from bld_scale.tree_forward import separate_logprobs, tree_logprobs
 from bld_scale.vocab import TokenBytes
+from vocab_tables import SINGLE_BYTES, table_vocab
 
 
 # ---------------------------------------------------------------------- models and vocabularies
@@ -33,26 +34,6 @@ def tiny_llama(vocab_size, seed=0, attn="sdpa", dtype=torch.float64, init=0.2):
     return model
 
 
-def table_vocab(pieces, specials=("<eos>",)):
-    """A TokenBytes over an explicit vocabulary, tokenizing by greedy longest match."""
-    table = [p.encode() if isinstance(p, str) else p for p in pieces] + [None] * len(specials)
-    by_len = sorted({len(p) for p in table if p}, reverse=True)
-    lookup = {p: i for i, p in enumerate(table) if p}
-
-    def encode(text):
-        data, ids, pos = text.encode(), [], 0
-        while pos < len(data):
-            for size in by_len:
-                if data[pos:pos + size] in lookup:
-                    ids.append(lookup[data[pos:pos + size]])
-                    pos += size
-                    break
-        return ids
-
-    return TokenBytes(name="table", table=table, vocab_size=len(table), _encode_ids=encode)
-
-
-SINGLE_BYTES = [bytes([b]) for b in range(256)]
 SMALL = SINGLE_BYTES + ["th", "the", "there", "these", "they", "re", "he", "her", "here", " the",
                         " t", "ere", "é".encode(), "😀".encode()[:2], "😀".encode(), "😀".encode()[2:]]
 

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,8 +29,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DISTILL = REPO / "launch" / "distill.py"
+from launching import DISTILL, REPO, free_port, rank_env, records, torchrun
 PROBE = REPO / "tests" / "scripts" / "resume_probe.py"
 TEACHER = REPO / "bld_scale" / "data" / "demo" / "teacher"
 pytestmark = pytest.mark.slow
@@ -41,37 +39,14 @@ COMMON = ["train.max_steps=8", "train.micro_batch_size=2", "train.log_interval=1
 KEYS = ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
-def _torchrun(n: int, *args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-            "127.0.0.1", "--master_port", str(_port()), str(DISTILL), *args]
-
-
 def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout)
     return proc
 
 
 def _ok(proc) -> str:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout + proc.stderr
-
-
-def _records(out: Path, kind: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def _steps(out: Path) -> list[str]:
@@ -101,7 +76,7 @@ def straight(tmp_path_factory):
     (out / "checkpoints" / "step-99" / "meta.json").write_text("{}")
     (out / "checkpoints" / "latest").write_text("step-99\n")
     t0 = time.time()
-    log = _ok(_run(_torchrun(2, "--fresh", f"output_dir={out}", *COMMON)))
+    log = _ok(_run(torchrun(2, "--fresh", f"output_dir={out}", *COMMON)))
     return out, log, time.time() - t0
 
 
@@ -110,18 +85,18 @@ def preempted(tmp_path_factory):
     import psutil
 
     out = tmp_path_factory.mktemp("preempted")
-    cmd = _torchrun(2, f"output_dir={out}", *COMMON)
-    agent = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = torchrun(2, f"output_dir={out}", *COMMON)
+    agent = subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     try:
         deadline = time.time() + 500
         while time.time() < deadline and agent.poll() is None:
-            if (out / "metrics.jsonl").is_file() and any(r["step"] >= 3 for r in _records(out)):
+            if (out / "metrics.jsonl").is_file() and any(r["step"] >= 3 for r in records(out)):
                 break
             time.sleep(0.05)
         ranks = sorted(psutil.Process(agent.pid).children(), key=lambda p: int(p.environ().get("RANK", 0)))
         assert len(ranks) == 2, ranks
-        seen = max(r["step"] for r in _records(out))
+        seen = max(r["step"] for r in records(out))
         os.kill(ranks[0].pid, signal.SIGUSR1)
         os.kill(ranks[1].pid, signal.SIGTERM)
         first_log, _ = agent.communicate(timeout=300)
@@ -129,7 +104,7 @@ def preempted(tmp_path_factory):
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)  # only this test's own process group
     assert agent.returncode == 0, first_log[-4000:]
-    after_stop = {"records": _records(out), "latest": _latest(out), "steps": _steps(out), "seen": seen}
+    after_stop = {"records": records(out), "latest": _latest(out), "steps": _steps(out), "seen": seen}
     second_log = _ok(_run(cmd))
     return out, after_stop, first_log, second_log
 
@@ -148,7 +123,7 @@ def one_rank(straight, tmp_path_factory):
 # ------------------------------------------------------------------------------------- saving
 def test_fresh_discards_the_earlier_run_and_saves_every_interval(straight):
     out, log, seconds = straight
-    steps = [r["step"] for r in _records(out)]
+    steps = [r["step"] for r in records(out)]
     assert steps == list(range(1, 9)), steps  # the fake step-99 record is gone
     assert _steps(out) == ["step-6", "step-8"]  # 3, 6 and the end (8) saved; keep=2
     assert _latest(out) == "step-8"
@@ -190,9 +165,9 @@ def test_resumed_run_continues_without_losing_or_repeating_a_step(preempted):
     out, after, _, second_log = preempted
     stopped = int(after["latest"].split("-")[1])
     assert f"resumed from {out / 'checkpoints' / after['latest']} at step {stopped}" in second_log
-    assert [r["step"] for r in _records(out)] == list(range(1, 9))  # each step exactly once
+    assert [r["step"] for r in records(out)] == list(range(1, 9))  # each step exactly once
     assert _steps(out) == ["step-6", "step-8"] and _latest(out) == "step-8"
-    assert len(_records(out, "summary")) == 1
+    assert len(records(out, "summary")) == 1
     assert (out / "final" / "byte_head.safetensors").is_file()
 
 
@@ -202,8 +177,8 @@ def test_resume_is_exact(straight, preempted):
     out, after, _, _ = preempted
     stopped = int(after["latest"].split("-")[1])
     assert stopped <= 4, "the resumed part must cover steps 5-8"
-    _same(_records(out), _records(ref), rel=1e-6)
-    resumed = [r for r in _records(out) if r["step"] > stopped]
+    _same(records(out), records(ref), rel=1e-6)
+    resumed = [r for r in records(out) if r["step"] > stopped]
     assert [r["step"] for r in resumed] == list(range(stopped + 1, 9))
 
 
@@ -213,7 +188,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight, one_rank):
     out, _, log = one_rank
     assert "universal checkpoint, saved with 2 ranks" in log
     assert (out / "checkpoints" / "step-6" / "ds_universal" / "zero").is_dir()
-    _same(_records(out), _records(ref), rel=1e-4)
+    _same(records(out), records(ref), rel=1e-4)
     meta = json.loads((out / "checkpoints" / "step-8" / "meta.json").read_text())
     assert meta["world_size"] == 1
 

@@ -12,39 +12,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DISTILL = REPO / "launch" / "distill.py"
+from launching import DISTILL, REPO, free_port, rank_env, records
 pytestmark = pytest.mark.slow
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # one thread per rank on a 2-core machine
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return env
-
-
 def _run(cmd, timeout=900):
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout)
     return proc
-
-
-def _records(out: Path, kind: str) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 # Exact targets here (the checkpoint tests run the default `cover`): the tree-masked teacher
@@ -55,7 +35,7 @@ FAST = ["train.log_interval=1", "train.eval_interval=0", "train.warmup_steps=2",
 @pytest.fixture(scope="module")
 def deepspeed_two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds2")
-    proc = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), str(DISTILL),
+    proc = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(DISTILL),
                  "train.max_steps=4", f"output_dir={out}", "train.micro_batch_size=2",
                  "train.grad_accum=1", *FAST])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,13 +44,13 @@ def deepspeed_two_ranks(tmp_path_factory):
 
 def test_deepspeed_two_ranks_leave_finite_losses_with_a_kl_term(deepspeed_two_ranks):
     out, proc = deepspeed_two_ranks
-    train = _records(out, "train")
+    train = records(out, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
         for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr", "tokens_per_s", "bytes_per_s"):
             assert math.isfinite(r[key]), (key, r)
         assert r["loss_kl"] > 0
-    teacher = _records(out, "teacher_eval")[0]
+    teacher = records(out, "teacher_eval")[0]
     assert teacher["teacher_token_bpb"] < 4.0  # the shipped teacher is trained, far below random
     assert teacher["conversion"] == "exact" and math.isfinite(teacher["conversion_gap"])
     summary = json.loads((out / "summary.json").read_text())
@@ -84,11 +64,11 @@ def test_two_ranks_match_one_rank(deepspeed_two_ranks, tmp_path):
     out2, _ = deepspeed_two_ranks
     out1 = tmp_path / "one"
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-                 "--master_addr", "127.0.0.1", "--master_port", str(_port()), str(DISTILL),
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(DISTILL),
                  "train.max_steps=4", f"output_dir={out1}", "train.micro_batch_size=2",
                  "train.grad_accum=2", *FAST])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = _records(out1, "train"), _records(out2, "train")
+    one, two = records(out1, "train"), records(out2, "train")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr"):

@@ -1,0 +1,33 @@
+"""Helpers for tests that launch the pipeline as real processes (torchrun, deepspeed)."""
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL = REPO / "launch" / "distill.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # one thread per rank on a 2-core machine
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def torchrun(n: int, *args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), str(DISTILL), *args]
+
+
+def records(out: Path, kind: str = "train") -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]

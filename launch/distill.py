@@ -11,6 +11,7 @@ SIGTERM or SIGUSR1 to the ranks makes every rank save at the next step boundary 
 """
 import argparse
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -53,6 +54,11 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"bld_scale: cannot resume: {err}", file=sys.stderr)
         return 2
+    finally:
+        # Past this point a stop request has nothing left to save; and Python's shutdown would reset
+        # our handlers to the default action, so a late SLURM USR1 would kill a finished rank.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 

@@ -208,10 +208,12 @@ class Variant:
         self.seconds: list = []
         self.logs: dict = {}
 
-    def step(self, teacher_logits, batch, teacher_vocab, teacher_seconds):
+    def step(self, teacher_logits, batch, teacher_vocab, teacher_seconds, teacher_model=None):
         t0 = time.perf_counter()
         forward = None if self.method == "ce" else (lambda ids, mask: teacher_logits)
-        loss, logs = distill_step(forward, self.forward, batch, self.settings, teacher_vocab)
+        # conversion "exact" runs its own tree-masked teacher forwards, so it needs the model
+        loss, logs = distill_step(forward, self.forward, batch, self.settings, teacher_vocab,
+                                  teacher_model=teacher_model)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -255,7 +257,7 @@ def run_seed(args, recipe, sides, teacher, seed, variants, train_windows, make_b
                 logits = teacher(input_ids=batch.teacher_input_ids,
                                  attention_mask=batch.teacher_attention_mask).logits
         t_teacher = time.perf_counter() - t0
-        losses = {v.name: v.step(logits, batch, sides.teacher_vocab, t_teacher) for v in runs}
+        losses = {v.name: v.step(logits, batch, sides.teacher_vocab, t_teacher, teacher) for v in runs}
         if step % args.eval_every == 0 or step == args.steps:
             bpbs = {v.name: v.evaluate(step, eval_batches) for v in runs}
             print(f"  seed {seed} step {step:4d} [{time.perf_counter() - t_start:.0f} s] eval BPB "

@@ -149,40 +149,10 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
 
     split_k, split_n, split_node = _splits(data, starts, vocab, mode)
     index = vocab.index
-    tables = index.torch_tables(device)
-    counts = index.child_count[split_node]
-    order = np.argsort(split_k, kind="stable")
-    split_k, split_n, split_node, counts = split_k[order], split_n[order], split_node[order], counts[order]
-    edge_offsets = np.concatenate([[0], np.cumsum(counts)])
-
-    sorted_size = index.perm.size
-    rows = _chunk_rows(len(ids), sorted_size, logprobs.numel() * logprobs.element_size())
-    running = _RunningSums(rows, sorted_size, device)
-    edges = {"k": [], "lo": [], "hi": [], "target": [], "value": []}
-    for k0 in range(0, len(ids), rows):
-        k1 = min(k0 + rows, len(ids))
-        p0, p1 = np.searchsorted(split_k, [k0, k1])
-        if p0 == p1:
-            continue
-        running.load(logprobs[k0:k1], tables["perm"])
-        # One edge per (split, child): the child's byte and its mass under p_k.
-        e0, e1 = edge_offsets[p0], edge_offsets[p1]
-        pair_of_edge = np.repeat(np.arange(p0, p1), counts[p0:p1])
-        child = index.child_start[split_node[pair_of_edge]] + (np.arange(e0, e1) - edge_offsets[pair_of_edge])
-        child_t = torch.as_tensor(child, device=device)
-        k_of_edge = torch.as_tensor(split_k[pair_of_edge], device=device)
-        # index_select, not t[idx]: measured ~30x faster for these 1-D gathers on CPU
-        lo, hi = tables["node_lo"].index_select(0, child_t), tables["node_hi"].index_select(0, child_t)
-        mass = running.mass(k_of_edge - k0, lo, hi)
-        edges["k"].append(k_of_edge)
-        edges["lo"].append(lo)
-        edges["hi"].append(hi)
-        edges["value"].append(torch.log(mass) + log_prefix.index_select(0, k_of_edge))
-        edges["target"].append(torch.as_tensor(split_n[pair_of_edge], device=device) * NUM_BYTE_OUTCOMES
-                               + tables["node_byte"].index_select(0, child_t))
-    del running
-    if edges["value"]:
-        edges = {name: torch.cat(parts) for name, parts in edges.items()}
+    memory = logprobs.numel() * logprobs.element_size()
+    edges = split_edges(logprobs[: len(ids)], split_k, split_n, split_node, log_prefix, index, memory)
+    if edges["value"].numel():
+        tables = index.torch_tables(device)
         eot_only = out.clone()
         _logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
         if _refine_small_masses(out, edges, log_prefix, logprobs, tables["perm"]):
@@ -227,6 +197,51 @@ def _refine_small_masses(out, edges, log_prefix, logprobs, perm) -> bool:
         mass[sl] = torch.zeros(w.numel(), dtype=torch.float64, device=out.device).index_add_(0, seg, vals)
     edges["value"][flagged] = torch.log(mass) + log_prefix[k]
     return True
+
+
+def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray, split_node: np.ndarray,
+                log_weight: torch.Tensor, index, memory_bytes: int) -> dict:
+    """One edge per (split, next byte): `log_weight[row] + log M_row(prefix + byte)` and its cell.
+
+    Split s reads distribution `rows[split_row[s]]` at the trie node `split_node[s]` and feeds
+    output row `split_end[s]`. Returns tensors `k` (row), `lo`, `hi` (sorted range), `target`
+    (flat output cell) and `value`, shared by `cover` and `exact`.
+    """
+    device = rows.device
+    tables = index.torch_tables(device)
+    counts = index.child_count[split_node]
+    order = np.argsort(split_row, kind="stable")
+    split_row, split_end, split_node, counts = split_row[order], split_end[order], split_node[order], counts[order]
+    edge_offsets = np.concatenate([[0], np.cumsum(counts)])
+    sorted_size = index.perm.size
+    chunk = _chunk_rows(rows.shape[0], sorted_size, memory_bytes)
+    running = _RunningSums(chunk, sorted_size, device)
+    edges = {"k": [], "lo": [], "hi": [], "target": [], "value": []}
+    for k0 in range(0, rows.shape[0], chunk):
+        k1 = min(k0 + chunk, rows.shape[0])
+        p0, p1 = np.searchsorted(split_row, [k0, k1])
+        if p0 == p1:
+            continue
+        running.load(rows[k0:k1], tables["perm"])
+        e0, e1 = edge_offsets[p0], edge_offsets[p1]
+        pair = np.repeat(np.arange(p0, p1), counts[p0:p1])
+        child = index.child_start[split_node[pair]] + (np.arange(e0, e1) - edge_offsets[pair])
+        child_t = torch.as_tensor(child, device=device)
+        k_t = torch.as_tensor(split_row[pair], device=device)
+        # index_select, not t[idx]: measured ~30x faster for these 1-D gathers on CPU
+        lo, hi = tables["node_lo"].index_select(0, child_t), tables["node_hi"].index_select(0, child_t)
+        mass = running.mass(k_t - k0, lo, hi)
+        edges["k"].append(k_t)
+        edges["lo"].append(lo)
+        edges["hi"].append(hi)
+        edges["value"].append(torch.log(mass) + log_weight.index_select(0, k_t))
+        edges["target"].append(torch.as_tensor(split_end[pair], device=device) * NUM_BYTE_OUTCOMES
+                               + tables["node_byte"].index_select(0, child_t))
+    if not edges["value"]:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return {"k": empty, "lo": empty, "hi": empty, "target": empty,
+                "value": torch.zeros(0, dtype=torch.float64, device=device)}
+    return {name: torch.cat(parts) for name, parts in edges.items()}
 
 
 class _RunningSums:

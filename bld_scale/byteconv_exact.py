@@ -63,8 +63,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .byteconv import (EOT, NUM_BYTE_OUTCOMES, _chunk_rows, _logaddexp_scatter, _refine_small_masses,
-                       _RunningSums, _start_rows, _token_layout)
+from .byteconv import (EOT, NUM_BYTE_OUTCOMES, _logaddexp_scatter, _refine_small_masses,
+                       _start_rows, _token_layout, split_edges)
 from .tree_forward import tree_logprobs
 from .vocab import TokenBytes
 
@@ -164,45 +164,11 @@ def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int 
 def _context_edges(rows: torch.Tensor, ctx_start: np.ndarray, log_weight: torch.Tensor, data: bytes,
                    vocab: TokenBytes, memory_bytes: int):
     """Edges (context, target byte cell, log value) of every split of every context, as in cover."""
-    device = rows.device
     index = vocab.index
-    tables = index.torch_tables(device)
     c, end, node = index.walk(data, ctx_start)
     keep = end < len(data)
     c, end, node = c[keep], end[keep], node[keep]
-    counts = index.child_count[node]
-    order = np.argsort(c, kind="stable")
-    c, end, node, counts = c[order], end[order], node[order], counts[order]
-    edge_offsets = np.concatenate([[0], np.cumsum(counts)])
-    sorted_size = index.perm.size
-    n_rows = rows.shape[0]
-    chunk = _chunk_rows(n_rows, sorted_size, memory_bytes)
-    running = _RunningSums(chunk, sorted_size, device)
-    edges = {"k": [], "lo": [], "hi": [], "target": [], "value": []}
-    for k0 in range(0, n_rows, chunk):
-        k1 = min(k0 + chunk, n_rows)
-        p0, p1 = np.searchsorted(c, [k0, k1])
-        if p0 == p1:
-            continue
-        running.load(rows[k0:k1], tables["perm"])
-        e0, e1 = edge_offsets[p0], edge_offsets[p1]
-        pair = np.repeat(np.arange(p0, p1), counts[p0:p1])
-        child = index.child_start[node[pair]] + (np.arange(e0, e1) - edge_offsets[pair])
-        child_t = torch.as_tensor(child, device=device)
-        k_t = torch.as_tensor(c[pair], device=device)
-        lo, hi = tables["node_lo"][child_t], tables["node_hi"][child_t]
-        mass = running.mass(k_t - k0, lo, hi)
-        edges["k"].append(k_t)
-        edges["lo"].append(lo)
-        edges["hi"].append(hi)
-        edges["value"].append(torch.log(mass) + log_weight[k_t])
-        edges["target"].append(torch.as_tensor(end[pair], device=device) * NUM_BYTE_OUTCOMES
-                               + tables["node_byte"][child_t])
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    if not edges["value"]:
-        return {"k": empty, "lo": empty, "hi": empty, "target": empty,
-                "value": torch.zeros(0, dtype=torch.float64, device=device)}
-    return {name: torch.cat(parts) for name, parts in edges.items()}
+    return split_edges(rows, c, end, node, log_weight, index, memory_bytes)
 
 
 def _default_bos(teacher, eos_id):

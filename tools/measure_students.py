@@ -56,6 +56,24 @@ VARIANTS = {  # name -> (method, head)
     "bld_linear": ("bld", "linear"),
     "bld_causal": ("bld", "causal"),
 }
+CONVERSIONS = ("cover", "within_token", "exact")
+
+
+def parse_variant(name: str) -> tuple[str, str, str | None]:
+    """`bld_causal` -> ("bld", "causal", None); `bld_causal@exact` -> ("bld", "causal", "exact").
+
+    The `@conversion` suffix lets one run compare byte-target rules on the same seeds, windows
+    and teacher forwards; without it a variant trains with `--conversion`.
+    """
+    base, _, conversion = name.partition("@")
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {base!r} in {name!r}; choose from {', '.join(VARIANTS)}")
+    if conversion and conversion not in CONVERSIONS:
+        raise SystemExit(f"unknown conversion {conversion!r} in {name!r}; choose from {', '.join(CONVERSIONS)}")
+    method, head = VARIANTS[base]
+    if conversion and method != "bld":
+        raise SystemExit(f"{name!r}: only bld variants read byte targets, so only they take an @conversion")
+    return method, head, conversion or None
 
 
 def parse_args(argv=None):
@@ -66,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="windows per step")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="ce,uld,bld_linear,bld_causal",
-                   help=f"variants, comma-separated, from {', '.join(VARIANTS)}")
+                   help=f"variants, comma-separated, from {', '.join(VARIANTS)}; a bld variant may name "
+                        "its byte targets, e.g. bld_causal@exact (default: --conversion)")
     p.add_argument("--eval-every", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=96, help="held-out windows (split evenly over the works)")
     p.add_argument("--eval-on", choices=("heldout", "val"), default="heldout",
@@ -189,8 +208,10 @@ class Variant:
 
     def __init__(self, args, recipe, sides, name, seed, settings_kw):
         self.name, self.seed = name, seed
-        self.method, head = VARIANTS[name]
-        recipe.student.head = head
+        self.method, self.head, conversion = parse_variant(name)
+        if conversion:
+            settings_kw = {**settings_kw, "conversion": conversion}
+        recipe.student.head = self.head
         seed_everything(seed)  # the body is built first: the same for every head kind
         self.student = setup_student(recipe, len(sides.student_tok))
         self.checksum = body_checksum(self.student)
@@ -223,14 +244,15 @@ class Variant:
         self.seconds.append(time.perf_counter() - t0 + (teacher_seconds if self.method != "ce" else 0.0))
         for k, v in logs.items():
             self.logs[k] = self.logs.get(k, 0.0) + float(v)
-        return float(loss)
+        return float(loss.detach())
 
     def evaluate(self, step, eval_batches):
         self.curve.append((step, eval_student(TokenOnly(self.student), eval_batches)))
         return self.curve[-1][1]
 
     def record(self, steps):
-        return {"variant": self.name, "method": self.method, "head": VARIANTS[self.name][1],
+        return {"variant": self.name, "method": self.method, "head": self.head,
+                "conversion": self.settings.conversion if self.method == "bld" else None,
                 "seed": self.seed, "curve": self.curve, "final_bpb": self.curve[-1][1],
                 "body_checksum": self.checksum,
                 "step_seconds_mean": statistics.mean(self.seconds),
@@ -289,13 +311,31 @@ def paired_gain(runs, a, b):
     return [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
 
 
+def conversion_diffs(runs, variants) -> dict:
+    """Per-seed BPB differences between variants that differ only in their `@conversion`.
+
+    Seed-to-seed spread is far larger than the effect of the target rule, so the comparison is
+    paired: the same seed, body, windows and teacher forwards, only the byte targets differ.
+    """
+    out = {}
+    by_base: dict = {}
+    for v in variants:
+        base, _, conversion = v.partition("@")
+        if conversion:
+            by_base.setdefault(base, []).append(v)
+    for group in by_base.values():
+        for other in group[1:]:
+            out[f"{group[0]} − {other}"] = paired_gain(runs, group[0], other)
+    return out
+
+
 def markdown(result) -> str:
     a = result["args"]
     teacher = result["teacher"]
     lines = [f"Held-out BPB ({result['eval_set']}: {result['eval_windows']} windows of "
              f"{a['window_bytes']} bytes, {teacher['bytes']} bytes) after {a['steps']} steps of "
              f"{a['batch']} windows, seeds {a['seeds']}; lr {a['lr']}, lambda_KL {a['lambda_kl']}, "
-             f"conversion {a['conversion']}.",
+             f"conversion {a['conversion']} (a variant@conversion names its own).",
              "",
              "| model | held-out BPB (mean ± std) | min – max | s/step (median) |",
              "|---|---|---|---|"]
@@ -313,6 +353,9 @@ def markdown(result) -> str:
             lines.append(f"- ce − {name} per seed: {', '.join(f'{x:+.4f}' for x in g)} "
                          f"(mean {statistics.mean(g):+.4f} bits/byte, "
                          f"{100 * statistics.mean(g) / result['table']['ce']['mean']:.1f}% of ce)")
+    for label, g in result.get("conversion_diffs", {}).items():
+        lines.append(f"- {label} per seed: {', '.join(f'{x:+.4f}' for x in g)} "
+                     f"(mean {statistics.mean(g):+.4f} bits/byte; positive: the second is better)")
     return "\n".join(lines) + "\n"
 
 
@@ -325,6 +368,7 @@ def plot(result, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.2, 1]})
     colors = {"ce": "tab:gray", "uld": "tab:orange", "bld_linear": "tab:blue", "bld_causal": "tab:green"}
+    conversion_colors = {"cover": "tab:green", "exact": "tab:purple", "within_token": "tab:brown"}
     t = result["teacher"]
     a = result["args"]
     lows = []
@@ -335,10 +379,11 @@ def plot(result, path):
             vals = list(zip(*[[v for _, v in c] for c in curves]))
             keep = [i for i, s in enumerate(steps) if not zoom or s >= a["steps"] / 2]
             mean = [statistics.mean(vals[i]) for i in keep]
-            ax.plot([steps[i] for i in keep], mean, marker="." if zoom else None, color=colors.get(name),
+            color = colors.get(name) or conversion_colors.get(name.partition("@")[2])
+            ax.plot([steps[i] for i in keep], mean, marker="." if zoom else None, color=color,
                     label=f"{name} ({result['table'][name]['mean']:.3f})")
             ax.fill_between([steps[i] for i in keep], [min(vals[i]) for i in keep],
-                            [max(vals[i]) for i in keep], alpha=0.2, color=colors.get(name))
+                            [max(vals[i]) for i in keep], alpha=0.2, color=color)
             lows += [min(vals[i]) for i in keep]
         if not zoom:
             ax.axhline(t["token_bpb"], ls="--", color="black", lw=1,
@@ -369,8 +414,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
     for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        parse_variant(v)
     seeds = [int(s) for s in args.seeds.split(",")]
     recipe = load_recipe(args.recipe, args.override)
     d = recipe.distill
@@ -435,6 +479,7 @@ def main(argv=None):
         "before_mean": statistics.mean(r["curve"][0][1] for r in runs),
         "table": table, "runs": runs,
         "gains": {v: paired_gain(runs, "ce", v) for v in variants if v != "ce" and "ce" in variants},
+        "conversion_diffs": conversion_diffs(runs, variants),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ encodes the whole prefix every time (quadratic in the text length; the tests use
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -65,7 +66,7 @@ import torch
 
 from .byteconv import (EOT, NUM_BYTE_OUTCOMES, _logaddexp_scatter, _refine_small_masses,
                        _start_rows, _token_layout, split_edges)
-from .tree_forward import tree_logprobs
+from .tree_forward import iter_tree_logprobs, plan_tree
 from .vocab import TokenBytes
 
 
@@ -188,81 +189,124 @@ def _default_bos(teacher, eos_id):
 def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *, teacher=None,
                         eos_id: int | None = None, bos_id: int | None = None,
                         prefix_window: int | None = 16, max_tokens: int = 4096,
-                        info: dict | None = None) -> torch.Tensor:
+                        contexts: ExactContexts | None = None, info: dict | None = None) -> torch.Tensor:
     """Exact next-byte log-probabilities `[N + 1, 257]` (see the module docstring for the rule).
 
     logprobs: the teacher's one-pass `[L + 1, V]` log-probabilities over `[BOS] + ids` (as for
-      `cover`), or None: the tree forward then carries the canonical sequence too and its rows
-      are used (one teacher forward in all, over L + 1 + tree tokens); teacher: the same model (Hugging Face causal LM or a callable, see
-      `tree_forward.tree_logprobs`); bos_id: the first input token (defaults to the model config's
-      BOS, then EOS). `info`, when a dict, receives counts (contexts, tree nodes).
+      `cover`), or None: the tree's first forward then carries the canonical sequence too and its
+      rows are used; teacher: the same model (Hugging Face causal LM or a callable, see
+      `tree_forward.iter_tree_logprobs`); bos_id: the first input token (defaults to the model
+      config's BOS, then EOS); max_tokens: query positions per tree forward. The tree's rows are
+      consumed one forward at a time, so memory is the one-pass rows plus one forward's
+      `[max_tokens, V]`. `contexts`: `exact_contexts(ids, vocab, prefix_window=...)` when the caller
+      already has them (to count the forwards first). `info`, when a dict, receives counts
+      (contexts, tree nodes, forwards).
     """
     if teacher is None:
         raise ValueError("mode 'exact' needs the teacher model: byte_logprobs(..., mode='exact', teacher=model)")
     ids = [int(i) for i in ids]
     bos = _default_bos(teacher, eos_id) if bos_id is None else int(bos_id)
-    ctx = exact_contexts(ids, vocab, prefix_window=prefix_window)
+    ctx = exact_contexts(ids, vocab, prefix_window=prefix_window) if contexts is None else contexts
     M = len(ctx.parent)
-    tree = None
+    chunks = iter(())
+    if M or logprobs is None:
+        chunks = iter_tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token, max_tokens=max_tokens,
+                                    with_prefix=logprobs is None)
+    first = None
     if logprobs is None:
-        tree, logprobs = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token,
-                                       max_tokens=max_tokens, with_prefix=True)
+        first = next(chunks)
+        logprobs = first.prefix
     device = logprobs.device
     data, starts, out, log_prefix = _start_rows(logprobs, ids, vocab)
-    n_bytes = len(data)
-    if n_bytes == 0:
-        return out.float()
-
-    if M:
-        if tree is None:
-            tree = tree_logprobs(teacher, [bos] + ids, ctx.parent, ctx.node_token, max_tokens=max_tokens)
-        tree = tree.to(device)
-        parent = np.asarray(ctx.parent)
-        tok = torch.as_tensor(ctx.node_token, device=device)
-        node_lp = torch.empty(M, dtype=torch.float64, device=device)
-        P = len(ids) + 1
-        is_root = parent < P
-        roots = torch.as_tensor(np.flatnonzero(is_root), device=device)
-        root_parent = torch.as_tensor(parent[is_root], device=device)
-        node_lp[roots] = log_prefix[root_parent] + logprobs[root_parent, tok[roots]].double()
-        done = is_root.copy()
-        while not done.all():  # one tree level at a time
-            ready = np.flatnonzero(~done & done[np.maximum(parent - P, 0)] & ~is_root)
-            up = torch.as_tensor(parent[ready] - P, device=device)
-            ready_t = torch.as_tensor(ready, device=device)
-            node_lp[ready_t] = node_lp[up] + tree[up, tok[ready_t]].double()
-            done[ready] = True
-        node_idx = torch.as_tensor(ctx.node_of, device=device, dtype=torch.int64)
-        extra_rows = tree[node_idx]
-        extra_w = node_lp[node_idx]
-        extra_start = np.asarray(ctx.starts, dtype=np.int64)
     if info is not None:
-        info.update(contexts=len(ctx.starts), tree_nodes=M, tokens=len(ids), bytes=n_bytes)
-
-    logits_bytes = logprobs.numel() * logprobs.element_size()
-    if eos_id is not None:  # EOT where a valid complete tokenization ends
-        out[torch.as_tensor(starts, device=device), EOT] = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()
-        if M:
-            _logaddexp_scatter(out.view(-1), torch.as_tensor(extra_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
-                               extra_w + extra_rows[:, int(eos_id)].double())
-    canon_edges = _context_edges(logprobs[: len(ids)], starts, log_prefix, data, vocab, logits_bytes)
-    parts = [(canon_edges, logprobs, log_prefix)]
-    if M:
-        parts.append((_context_edges(extra_rows, extra_start, extra_w, data, vocab, logits_bytes),
-                      extra_rows, extra_w))
-    eot_only = out.clone()
-    for edges, _, _ in parts:
-        _logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
+        info.update(contexts=len(ctx.starts), tree_nodes=M, tokens=len(ids), bytes=len(data),
+                    forwards=(1 if first is not None else 0))
+    if len(data) == 0:
+        return out.float()
+    memory = logprobs.numel() * logprobs.element_size()  # the running sums' budget, as in `cover`
     perm = vocab.index.torch_tables(device)["perm"]
-    refined = [(_refine_small_masses(out, edges, w, rows, perm) if edges["value"].numel() else False)
-               for edges, rows, w in parts]
-    if any(refined):
+
+    # The canonical contexts (`cover`): EOT where each canonical prefix ends, then every split.
+    if eos_id is not None:
+        out[torch.as_tensor(starts, device=device), EOT] = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()
+    eot_only = out.clone()
+    canon_edges = _context_edges(logprobs[: len(ids)], starts, log_prefix, data, vocab, memory)
+    _logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
+
+    # The (b) contexts, one tree forward at a time, into their own accumulator.
+    extra = torch.full_like(out, -math.inf)
+    node_lp = torch.empty(M, dtype=torch.float64, device=device)  # log P(tau) up to each node
+    contexts_of = _contexts_by_node(ctx, M)
+    parent = np.asarray(ctx.parent, dtype=np.int64)
+    P = len(ids) + 1
+    for chunk in itertools.chain([first] if first is not None and M else [], chunks):
+        if info is not None:
+            info["forwards"] += chunk is not first
+        rows = chunk.logprobs.to(device)
+        _node_weights(node_lp, chunk.nodes, rows, parent, np.asarray(ctx.node_token), P, logprobs, log_prefix)
+        cs = np.concatenate([contexts_of[j] for j in chunk.nodes]) if chunk.nodes.size else np.zeros(0, np.int64)
+        if cs.size == 0:
+            continue
+        local = np.searchsorted(chunk.nodes, np.asarray(ctx.node_of)[cs])
+        c_rows = rows.index_select(0, torch.as_tensor(local, device=device))
+        c_w = node_lp[torch.as_tensor(np.asarray(ctx.node_of)[cs], device=device)]
+        c_start = np.asarray(ctx.starts, dtype=np.int64)[cs]
+        if eos_id is not None:  # EOT where a valid complete tokenization ends
+            _logaddexp_scatter(extra.view(-1), torch.as_tensor(c_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
+                               c_w + c_rows[:, int(eos_id)].double())
+        edges = _context_edges(c_rows, c_start, c_w, data, vocab, memory)
+        if edges["value"].numel():
+            # Row totals seen so far are at most the final ones, so this flags every edge the
+            # final totals would flag (and perhaps a few more, summed directly all the same).
+            seen = torch.logaddexp(out, extra)
+            _logaddexp_scatter(seen.view(-1), edges["target"], edges["value"])
+            _refine_small_masses(seen, edges, c_w, c_rows, perm)
+            _logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
+    total = torch.logaddexp(out, extra)
+    if canon_edges["value"].numel() and _refine_small_masses(total, canon_edges, log_prefix, logprobs, perm):
         out = eot_only
-        for edges, _, _ in parts:
-            _logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
-    norm = torch.logsumexp(out, dim=1, keepdim=True)
-    out = torch.where(torch.isfinite(norm), out - norm, out)
-    return out.float()
+        _logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
+        total = torch.logaddexp(out, extra)
+    norm = torch.logsumexp(total, dim=1, keepdim=True)
+    total = torch.where(torch.isfinite(norm), total - norm, total)
+    return total.float()
+
+
+def tree_forwards(ctx: ExactContexts, n_ids: int, *, max_tokens: int = 4096, with_prefix: bool = True) -> int:
+    """How many teacher forwards `byte_logprobs_exact` makes for these contexts (`with_prefix`:
+    logprobs=None, the canonical tokens ride in the first one)."""
+    if not ctx.parent and not with_prefix:
+        return 0
+    return plan_tree(n_ids + 1, ctx.parent, max_tokens=max_tokens, with_prefix=with_prefix).forwards
+
+
+def _contexts_by_node(ctx: ExactContexts, M: int) -> list:
+    """For each tree node, the (b) contexts whose last token it holds."""
+    by_node: list = [[] for _ in range(M)]
+    for c, node in enumerate(ctx.node_of):
+        by_node[node].append(c)
+    return [np.asarray(c, dtype=np.int64) for c in by_node]
+
+
+def _node_weights(node_lp, nodes, rows, parent, node_token, P, logprobs, log_prefix) -> None:
+    """log P(path to node) for one forward's nodes (whole branches, ascending: parents first)."""
+    device = node_lp.device
+    tok = torch.as_tensor(node_token[nodes], device=device)
+    is_root = parent[nodes] < P
+    if is_root.any():
+        r = torch.as_tensor(np.flatnonzero(is_root), device=device)
+        at = torch.as_tensor(parent[nodes][is_root], device=device)
+        node_lp[torch.as_tensor(nodes[is_root], device=device)] = log_prefix[at] + logprobs[at, tok[r]].double()
+    up_local = np.arange(nodes.size)  # each node's parent, as a row of this forward (roots: itself)
+    up_local[~is_root] = np.searchsorted(nodes, parent[nodes[~is_root]] - P)
+    done = is_root.copy()
+    while not done.all():  # one tree level at a time
+        ready = np.flatnonzero(~done & done[up_local])
+        ready_t = torch.as_tensor(ready, device=device)
+        up = torch.as_tensor(parent[nodes[ready]] - P, device=device)
+        node_lp[torch.as_tensor(nodes[ready], device=device)] = (
+            node_lp[up] + rows[torch.as_tensor(up_local[ready], device=device), tok[ready_t]].double())
+        done[ready] = True
 
 
 @torch.no_grad()

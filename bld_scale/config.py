@@ -96,6 +96,7 @@ class DistillConfig:
     beta: float = 0.5  # JSD mixing weight
     temperature: float = 1.0
     conversion: str = _choice("cover", ("cover", "within_token", "exact"))
+    exact_chunk_tokens: int = 16384  # conversion "exact": query positions per tree forward (memory bound)
 
 
 @dataclass
@@ -446,6 +447,7 @@ def _check_values(r: Recipe) -> None:
         ("distill.lambda_kl", r.distill.lambda_kl >= 0, "must be >= 0"),
         ("distill.beta", 0.0 <= r.distill.beta <= 1.0, "must be in [0, 1]"),
         ("distill.temperature", r.distill.temperature > 0, "must be > 0"),
+        ("distill.exact_chunk_tokens", r.distill.exact_chunk_tokens >= 1, "must be >= 1"),
         ("train.max_steps", r.train.max_steps >= 1, "must be >= 1"),
         ("train.micro_batch_size", r.train.micro_batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", r.train.grad_accum >= 1, "must be >= 1"),

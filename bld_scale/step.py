@@ -40,6 +40,7 @@ class StepSettings:
     temperature: float = 1.0
     conversion: str = "cover"
     teacher_eos_id: int | None = None
+    exact_chunk_tokens: int = 16384  # query positions per tree forward of conversion "exact"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,26 +75,46 @@ def uld_pairs(batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return b * J + j, b * L1 + k
 
 
-def exact_byte_targets(teacher_model, batch: DistillBatch, vocab: TokenBytes, eos_id: int | None):
-    """Exact next-byte targets, one tree-masked teacher forward per text (canonical tokens included).
+def exact_byte_targets(teacher_model, batch: DistillBatch, vocab: TokenBytes, eos_id: int | None, *,
+                       max_tokens: int = 16384, agree_forwards: Callable[[int], int] | None = None):
+    """Exact next-byte targets: per text, tree-masked teacher forwards that carry the canonical
+    tokens too (no separate one-pass forward), at most `max_tokens` query positions each.
 
-    Exactly one forward per text whatever the text, so ZeRO-3 ranks stay in step (every rank
-    must call the sharded teacher the same number of times).
+    The number of forwards depends on the text. A sharded (ZeRO-3) teacher needs every rank to
+    make the same calls in the same order, so the forwards are counted first (the contexts and
+    their chunking need no model), `agree_forwards(n)` (the pipeline's: the maximum of `n` over
+    ranks, itself a collective, so it comes before any forward) says how many to make, and the
+    missing ones are one-token forwards whose output is dropped. Without it nothing is padded.
     """
-    from .byteconv_exact import byte_logprobs_exact
+    from .byteconv_exact import byte_logprobs_exact, exact_contexts, tree_forwards
 
-    rows = [byte_logprobs_exact(None, ids, vocab, teacher=teacher_model, eos_id=eos_id,
-                                bos_id=int(batch.teacher_input_ids[b, 0]), max_tokens=1 << 30)
-            for b, ids in enumerate(batch.teacher_ids)]
+    contexts = [exact_contexts(ids, vocab) for ids in batch.teacher_ids]
+    forwards = sum(tree_forwards(ctx, len(ids), max_tokens=max_tokens)
+                   for ctx, ids in zip(contexts, batch.teacher_ids))
+    target = forwards if agree_forwards is None else agree_forwards(forwards)
+    rows, made = [], 0
+    for b, (ids, ctx) in enumerate(zip(batch.teacher_ids, contexts)):
+        info: dict = {}
+        rows.append(byte_logprobs_exact(None, ids, vocab, teacher=teacher_model, eos_id=eos_id,
+                                        bos_id=int(batch.teacher_input_ids[b, 0]), max_tokens=max_tokens,
+                                        contexts=ctx, info=info))
+        made += info["forwards"]
+    if made != forwards:  # the count the ranks agreed on must be the count made
+        raise RuntimeError(f"exact conversion made {made} teacher forwards but planned {forwards}")
+    with torch.no_grad():
+        for _ in range(target - forwards):
+            teacher_model(input_ids=batch.teacher_input_ids[:1, :1])
     return pad_byte_rows(rows)
 
 
 def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch,
-                 settings: StepSettings, teacher_vocab: TokenBytes | None = None, teacher_model=None):
+                 settings: StepSettings, teacher_vocab: TokenBytes | None = None, teacher_model=None,
+                 agree_forwards: Callable[[int], int] | None = None):
     """Loss of one batch and the logs of each term (detached).
 
     `teacher_model` (the module or engine behind `teacher_forward`) is needed by conversion
-    "exact", which runs tree-masked forwards. Returns `(loss, logs)`; logs hold `loss`,
+    "exact", which runs tree-masked forwards; `agree_forwards` keeps their count equal over
+    ranks (see `exact_byte_targets`). Returns `(loss, logs)`; logs hold `loss`,
     `loss_ce`, and per method `loss_byte_ce`, `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens`
     and `bytes` counted in the batch.
     """
@@ -114,7 +135,8 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
         if settings.conversion == "exact":
             if teacher_model is None:
                 raise ValueError("conversion 'exact' needs the teacher model (teacher_model=...)")
-            q, q_mask = exact_byte_targets(teacher_model, batch, teacher_vocab, settings.teacher_eos_id)
+            q, q_mask = exact_byte_targets(teacher_model, batch, teacher_vocab, settings.teacher_eos_id,
+                                           max_tokens=settings.exact_chunk_tokens, agree_forwards=agree_forwards)
         else:
             q, q_mask = byte_logprobs_batch(teacher_logprobs(teacher_forward, batch), batch.teacher_ids,
                                             teacher_vocab, eos_id=settings.teacher_eos_id,

@@ -165,7 +165,8 @@ class Pipeline:
         d = recipe.distill
         self.settings = StepSettings(method=d.method, lambda_b=d.lambda_b, lambda_kl=d.lambda_kl,
                                      divergence=d.divergence, beta=d.beta, temperature=d.temperature,
-                                     conversion=d.conversion, teacher_eos_id=self.sides.teacher_eos)
+                                     conversion=d.conversion, teacher_eos_id=self.sides.teacher_eos,
+                                     exact_chunk_tokens=d.exact_chunk_tokens)
         self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
         data = recipe.data
         self.stream = WindowStream(load_documents(data.train, data.format, data.text_field, data.streaming),
@@ -266,6 +267,14 @@ class Pipeline:
             dist.all_reduce(t)
         return t.tolist()
 
+    def _agree_forwards(self, count: int) -> int:
+        """The most teacher forwards any rank needs this step: ZeRO-3 ranks must call it alike."""
+        if self.world == 1:
+            return count
+        t = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def _eval_batches(self):
         mb = self.recipe.train.micro_batch_size
         for i in range(0, len(self.eval_windows), mb):
@@ -296,8 +305,9 @@ class Pipeline:
         for batch in self._eval_batches():
             lp = torch.log_softmax(self._teacher_forward(batch.teacher_input_ids,
                                                          batch.teacher_attention_mask).float(), -1)
-            # exact: one tree forward per text on every rank (ZeRO-3 ranks must stay in step)
-            exact_q = exact_byte_targets(self.teacher, batch, vocab, eos)[0] if mode == "exact" else None
+            # exact: tree forwards, as many on every rank (ZeRO-3 ranks must stay in step)
+            exact_q = exact_byte_targets(self.teacher, batch, vocab, eos, max_tokens=self.settings.exact_chunk_tokens,
+                                         agree_forwards=self._agree_forwards)[0] if mode == "exact" else None
             for b, ids in enumerate(batch.teacher_ids):
                 rows = lp[b, : len(ids) + 1]
                 data = b"".join(vocab.token_bytes(i) for i in ids)
@@ -353,7 +363,8 @@ class Pipeline:
             for m in range(t.grad_accum):
                 batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
                 loss, logs = distill_step(self._teacher_forward, self.student, batch, self.settings,
-                                          self.sides.teacher_vocab, teacher_model=self.teacher)
+                                          self.sides.teacher_vocab, teacher_model=self.teacher,
+                                          agree_forwards=self._agree_forwards)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()

@@ -15,13 +15,16 @@ so the logits at node j are those of the context `[BOS] t_1..t_a, ancestors(j), 
 to float rounding (the same keys, the same positions, the other keys masked out).
 
 Memory: each forward holds at most `max_tokens` query positions (prefix + nodes) unless one branch
-alone is longer. Nodes are grouped into branches (a root node and everything under it), sorted by
-anchor; a chunk carries whole branches and only the prefix up to its largest anchor, so a chunk
-repeats at most that much of the prefix.
+alone is longer (or the prefix itself, when the forward carries it). Nodes are grouped into
+branches (a root node and everything under it), sorted by anchor; a chunk carries whole branches
+and only the prefix up to its largest anchor, so a chunk repeats at most that much of the prefix.
+`iter_tree_logprobs` hands the chunks out one at a time, so a caller that consumes each chunk
+before asking for the next (`byteconv_exact` does) never holds more than one chunk's `[Q, V]`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,11 +46,84 @@ def _model_dtype_device(teacher):
         return torch.float32, torch.device("cpu")
 
 
+@dataclass
+class TreeChunk:
+    """One forward's share of the tree: `nodes` (ascending node numbers) and their log-softmax
+    rows `logprobs [len(nodes), V]`; `prefix` is `[P, V]` after every prefix position when this
+    forward carried the whole prefix (`with_prefix`), else None."""
+
+    nodes: np.ndarray
+    logprobs: torch.Tensor
+    prefix: torch.Tensor | None = None
+
+
+@dataclass
+class TreePlan:
+    """Shape of a tree and how its nodes are split into forwards (`chunks`: node arrays, and the
+    prefix positions `spans[i]` each forward carries)."""
+
+    P: int
+    root: np.ndarray  # root node of each node's branch
+    depth: np.ndarray  # position id of each node
+    chunks: list
+    spans: list
+
+    @property
+    def forwards(self) -> int:
+        return len(self.chunks)
+
+
+def plan_tree(P: int, parent: Sequence[int], *, max_tokens: int = 4096, with_prefix: bool = False) -> TreePlan:
+    """Split the nodes of a tree hanging off a `P`-token prefix into forwards of whole branches.
+
+    `with_prefix`: the first forward carries the whole prefix (its rows are the one-pass
+    log-probabilities) and the branches that still fit; a tree without nodes is then one forward.
+    """
+    parent = np.asarray(parent, dtype=np.int64)
+    M = parent.size
+    if np.any(parent < 0) or np.any((parent >= P) & (parent - P >= np.arange(M))):
+        raise ValueError("tree nodes must come after their parent (parent[j] < P, or parent[j] - P < j)")
+    root = np.empty(M, dtype=np.int64)
+    depth = np.empty(M, dtype=np.int64)
+    for j in range(M):
+        p = parent[j]
+        if p < P:
+            root[j], depth[j] = j, p + 1
+        else:
+            root[j], depth[j] = root[p - P], depth[p - P] + 1
+    anchor = parent[root]  # prefix position each branch hangs off
+    roots = np.unique(root)
+    roots = roots[np.argsort(anchor[roots], kind="stable")]
+    members: dict[int, list[int]] = {}
+    for j in range(M):
+        members.setdefault(int(root[j]), []).append(j)
+    groups, cur, cur_nodes = [], [], 0
+    prefix_floor = P if with_prefix else 0  # the first forward carries the whole prefix
+    for r in roots:
+        size = len(members[int(r)])
+        need = max(int(anchor[r]) + 1, prefix_floor if not groups else 0) + cur_nodes + size
+        if cur and need > max_tokens:
+            groups.append(cur)
+            cur, cur_nodes = [], 0
+        cur.append(int(r))
+        cur_nodes += size
+    if cur or with_prefix:
+        groups.append(cur)
+    chunks, spans = [], []
+    for number, group in enumerate(groups):
+        nodes = np.sort(np.concatenate([np.asarray(members[r], dtype=np.int64) for r in group])
+                        if group else np.zeros(0, dtype=np.int64))  # ascending: parents first
+        span = int(anchor[group].max()) + 1 if group else 0
+        chunks.append(nodes)
+        spans.append(P if with_prefix and number == 0 else span)
+    return TreePlan(P=P, root=root, depth=depth, chunks=chunks, spans=spans)
+
+
 @torch.no_grad()
-def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tokens: Sequence[int], *,
-                  max_tokens: int = 4096, dtype: torch.dtype | None = None,
-                  with_prefix: bool = False):
-    """Log-softmax of the teacher after every tree node, `[M, V]`.
+def iter_tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tokens: Sequence[int], *,
+                       max_tokens: int = 4096, dtype: torch.dtype | None = None,
+                       with_prefix: bool = False) -> Iterator[TreeChunk]:
+    """The teacher's log-softmax after every tree node, one forward (`TreeChunk`) at a time.
 
     teacher: a Hugging Face causal LM (or any callable taking `input_ids [1, Q]`,
       `attention_mask [1, 1, Q, Q]` (float, additive), `position_ids [1, Q]` and returning logits
@@ -58,63 +134,23 @@ def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tok
       earlier (`parent[j] - P < j`).
     tokens: the node's token id.
     max_tokens: the most query positions one forward takes (memory bound); whole branches only.
-    with_prefix: also return the log-softmax after every prefix position, `[P, V]` (the one-pass
-      rows: the last chunk then carries the whole prefix), as `(nodes, prefix)`.
+    with_prefix: the first chunk also carries `prefix` (the rows after every prefix position).
     """
     prefix_ids = np.asarray(prefix_ids, dtype=np.int64)
     parent = np.asarray(parent, dtype=np.int64)
     tokens = np.asarray(tokens, dtype=np.int64)
-    P, M = prefix_ids.size, parent.size
-    if M == 0:
-        if not with_prefix:
-            return torch.zeros((0, 0))
-        _, device = _model_dtype_device(teacher)
-        logits = _call_teacher(teacher, torch.as_tensor(prefix_ids, device=device)[None], None, None)[0]
-        prefix_lp = _log_softmax(logits)
-        return prefix_lp.new_zeros((0, prefix_lp.shape[-1])), prefix_lp
-    if np.any(parent < 0) or np.any((parent >= P) & (parent - P >= np.arange(M))):
-        raise ValueError("tree nodes must come after their parent (parent[j] < P, or parent[j] - P < j)")
-    # Root of each node's branch, anchor (prefix position) of the branch, position id of the node.
-    root = np.empty(M, dtype=np.int64)
-    depth = np.empty(M, dtype=np.int64)
-    for j in range(M):
-        p = parent[j]
-        if p < P:
-            root[j], depth[j] = j, p + 1
-        else:
-            root[j], depth[j] = root[p - P], depth[p - P] + 1
-    anchor = parent[root]  # prefix position each branch hangs off
-
+    plan = plan_tree(prefix_ids.size, parent, max_tokens=max_tokens, with_prefix=with_prefix)
     model_dtype, device = _model_dtype_device(teacher)
     dtype = dtype or model_dtype
     neg = torch.finfo(dtype).min
-
-    # Chunks of whole branches, by anchor.
-    roots = np.unique(root)
-    roots = roots[np.argsort(anchor[roots], kind="stable")]
-    members: dict[int, list[int]] = {}
-    for j in range(M):
-        members.setdefault(int(root[j]), []).append(j)
-    chunks, cur, cur_nodes = [], [], 0
-    for r in roots:
-        size = len(members[int(r)])
-        need = int(anchor[r]) + 1 + cur_nodes + size
-        if cur and need > max_tokens:
-            chunks.append(cur)
-            cur, cur_nodes = [], 0
-        cur.append(int(r))
-        cur_nodes += size
-    if cur:
-        chunks.append(cur)
-
-    out = prefix_lp = None
-    for number, chunk in enumerate(chunks):
-        nodes = np.concatenate([np.asarray(members[r], dtype=np.int64) for r in chunk])
-        nodes.sort()  # keeps parents before children
-        A = int(anchor[chunk].max()) + 1  # prefix positions this chunk needs
-        last = number == len(chunks) - 1
-        if with_prefix and last:
-            A = P
+    P, M = plan.P, parent.size
+    for number, (nodes, A) in enumerate(zip(plan.chunks, plan.spans)):
+        carries_prefix = with_prefix and number == 0
+        if nodes.size == 0:  # only the prefix: a plain causal forward
+            ids = torch.as_tensor(prefix_ids, device=device)[None]
+            prefix_lp = _log_softmax(_call_teacher(teacher, ids, None, None)[0])
+            yield TreeChunk(nodes, prefix_lp.new_zeros((0, prefix_lp.shape[-1])), prefix_lp)
+            continue
         Q = A + nodes.size
         local = np.full(M, -1, dtype=np.int64)
         local[nodes] = A + np.arange(nodes.size)
@@ -130,14 +166,27 @@ def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tok
         mask = torch.zeros((Q, Q), dtype=dtype)
         mask.masked_fill_(~allowed, neg)
         ids = torch.as_tensor(np.concatenate([prefix_ids[:A], tokens[nodes]]), device=device)
-        pos = torch.as_tensor(np.concatenate([np.arange(A), depth[nodes]]), device=device)
+        pos = torch.as_tensor(np.concatenate([np.arange(A), plan.depth[nodes]]), device=device)
         logits = _call_teacher(teacher, ids[None], mask[None, None].to(device), pos[None])[0]
-        if with_prefix and last:
-            prefix_lp = _log_softmax(logits[:A])
-        lp = _log_softmax(logits[A:])
+        yield TreeChunk(nodes, _log_softmax(logits[A:]), _log_softmax(logits[:A]) if carries_prefix else None)
+
+
+def tree_logprobs(teacher, prefix_ids: Sequence[int], parent: Sequence[int], tokens: Sequence[int], *,
+                  max_tokens: int = 4096, dtype: torch.dtype | None = None,
+                  with_prefix: bool = False):
+    """All of `iter_tree_logprobs` at once: `[M, V]` in node order (and `[P, V]` with `with_prefix`,
+    as `(nodes, prefix)`). Holds every row: for tests, benchmarks and small trees."""
+    out = prefix_lp = None
+    M = len(parent)
+    for chunk in iter_tree_logprobs(teacher, prefix_ids, parent, tokens, max_tokens=max_tokens, dtype=dtype,
+                                    with_prefix=with_prefix):
+        if chunk.prefix is not None:
+            prefix_lp = chunk.prefix
         if out is None:
-            out = torch.empty((M, lp.shape[-1]), dtype=lp.dtype, device=lp.device)
-        out[torch.as_tensor(nodes, device=lp.device)] = lp
+            out = chunk.logprobs.new_empty((M, chunk.logprobs.shape[-1]))
+        out[torch.as_tensor(chunk.nodes, device=out.device)] = chunk.logprobs
+    if out is None:
+        out = torch.zeros((0, 0))
     return (out, prefix_lp) if with_prefix else out
 
 

@@ -84,10 +84,10 @@ def run_exact(model, vocab, text, bos, eos, **kw):
     return ids, lp, byte_logprobs(lp, ids, vocab, eos_id=eos, mode="exact", teacher=model, bos_id=bos, **kw)
 
 
-def check_against_brute_force(vocab, text, encode_text, seed=0, prefix_window=None):
+def check_against_brute_force(vocab, text, encode_text, seed=0, prefix_window=None, max_tokens=4096):
     bos = eos = vocab.vocab_size - 1
     model = tiny_llama(vocab.vocab_size, seed=seed)
-    ids, lp, got = run_exact(model, vocab, text, bos, eos, prefix_window=prefix_window)
+    ids, lp, got = run_exact(model, vocab, text, bos, eos, prefix_window=prefix_window, max_tokens=max_tokens)
     shift = exact_contexts(ids, vocab).shift
     ref = brute_force_exact(model, vocab, ids, bos, eos, encode_text, shift)
     diff = np.abs(got.double().exp().numpy() - ref).max()
@@ -97,9 +97,11 @@ def check_against_brute_force(vocab, text, encode_text, seed=0, prefix_window=No
 
 
 # ---------------------------------------------------------------------- tests
-def test_tiny_vocab_matches_brute_force():
+@pytest.mark.parametrize("max_tokens", [4096, 6])  # one tree forward; one branch per forward
+def test_tiny_vocab_matches_brute_force(max_tokens):
     vocab = table_vocab(SMALL)
-    got, ref, cover = check_against_brute_force(vocab, "there the é😀h", vocab._encode_ids, seed=1)
+    got, ref, cover = check_against_brute_force(vocab, "there the é😀h", vocab._encode_ids, seed=1,
+                                                max_tokens=max_tokens)
     assert np.abs(cover - ref).max() > 1e-3  # the exact rule does add mass that cover misses
     np.testing.assert_allclose(got.double().exp().sum(-1).numpy(), 1.0, atol=1e-6)
 
@@ -210,3 +212,67 @@ def test_one_forward_without_given_logprobs_gives_the_same_numbers():
         given = byte_logprobs_exact(lp, ids, vocab, teacher=model, eos_id=eos, bos_id=bos)
         alone = byte_logprobs_exact(None, ids, vocab, teacher=model, eos_id=eos, bos_id=bos, max_tokens=12)
         assert (given.double().exp() - alone.double().exp()).abs().max() < 1e-6
+
+
+class CountingTeacher(torch.nn.Module):
+    """The model, recording the query length of every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, []
+
+    def forward(self, **kw):
+        self.calls.append(kw["input_ids"].shape[1])
+        return self.inner(**kw)
+
+
+@pytest.mark.parametrize("max_tokens", [1 << 30, 64, 8])
+def test_chunked_tree_forwards_stay_bounded_and_give_the_same_numbers(max_tokens, bpe_tok):
+    """Every forward holds whole branches within `max_tokens` (a lone branch may exceed it), every
+    node is in one forward, and the targets do not depend on the chunking."""
+    from bld_scale.tree_forward import plan_tree
+
+    vocab = TokenBytes.from_tokenizer(bpe_tok, vocab_size=len(bpe_tok) + 1)
+    bos = eos = vocab.vocab_size - 1
+    model = tiny_llama(vocab.vocab_size, seed=9)
+    ids, _ = vocab.encode("Thou art more lovely and more temperate: rough winds do shake the buds")
+    ctx = exact_contexts(ids, vocab)
+    P = len(ids) + 1
+    teacher = CountingTeacher(model)
+    got = byte_logprobs_exact(None, ids, vocab, teacher=teacher, eos_id=eos, bos_id=bos, max_tokens=max_tokens)
+    plan = plan_tree(P, ctx.parent, max_tokens=max_tokens, with_prefix=True)
+    assert teacher.calls == [span + len(nodes) for span, nodes in zip(plan.spans, plan.chunks)]
+    assert plan.spans[0] == P  # the first forward carries the canonical tokens
+    assert sorted(np.concatenate(plan.chunks).tolist()) == list(range(len(ctx.parent)))
+    for number, (span, nodes) in enumerate(zip(plan.spans, plan.chunks)):
+        roots = np.unique(plan.root[nodes])
+        assert span + len(nodes) <= max_tokens or len(roots) == 1
+        # whole branches: every node of these roots is here
+        assert set(nodes.tolist()) == set(np.flatnonzero(np.isin(plan.root, roots)).tolist())
+    if max_tokens == 8:
+        assert len(teacher.calls) > 10
+    reference = byte_logprobs_exact(teacher_logprobs(model, ids, bos), ids, vocab, teacher=model, eos_id=eos,
+                                    bos_id=bos)
+    assert (got.double().exp() - reference.double().exp()).abs().max() < 1e-9
+
+
+def test_sharded_teachers_get_the_same_number_of_forwards():
+    """`agree_forwards` pads this rank's tree forwards up to the count the ranks agree on."""
+    from bld_scale.step import exact_byte_targets
+    from bld_scale.data import PairTokenizer, collate
+
+    vocab = table_vocab(SMALL)
+    bos = eos = vocab.vocab_size - 1
+    model = tiny_llama(vocab.vocab_size, seed=10)
+    pair = PairTokenizer(vocab, vocab)
+    batch = collate([pair(t) for t in ["there they", "these here the"]], 2, bos, bos)
+    alone = CountingTeacher(model)
+    q, mask = exact_byte_targets(alone, batch, vocab, eos, max_tokens=8)
+    own = len(alone.calls)
+    assert own > len(batch.teacher_ids)  # the cap splits these trees
+    padded = CountingTeacher(model)
+    agreed = []
+    q2, mask2 = exact_byte_targets(padded, batch, vocab, eos, max_tokens=8,
+                                   agree_forwards=lambda n: agreed.append(n) or n + 3)
+    assert agreed == [own] and len(padded.calls) == own + 3 and padded.calls[own:] == [1, 1, 1]
+    assert torch.equal(q, q2) and torch.equal(mask, mask2)

@@ -22,7 +22,10 @@ for these bytes (for BPE, WordPiece-free SentencePiece and tiktoken alike: "enco
 != tau"). The last token `v` is not filtered: every token whose bytes start with `x[e..n)` counts,
 as in `cover`, with the teacher's own probability `p(v | tau)` (a trained teacher gives a
 non-canonical continuation little mass; filtering it would need a tokenizer call per vocabulary
-entry and is not defined for byte strings that end inside a character). So with `C_e` the (one or
+entry and is not defined for byte strings that end inside a character; the bigram test that
+replaces those calls for plain BPE is wrong under a pre-tokenizer that looks ahead: GPT-2's
+`\s+(?!\S)` splits "\n\n" before a word but not on its own, so the test rejects the very tokens
+the tokenizer produces; `tools/bench_exact.py --bigram` measures it). So with `C_e` the (one or
 two) valid complete parts at `e`:
 
     q_n(b)   ∝  sum_{e <= n} sum_{tau in C_e}  P(tau) · M_tau(x[e..n) + b)

@@ -278,10 +278,22 @@ class _RunningSums:
 
 
 def _logaddexp_scatter(acc: torch.Tensor, target: torch.Tensor, value: torch.Tensor) -> None:
-    """acc[t] = log(exp(acc[t]) + sum of exp(value[i]) with target[i] = t), stably, in place."""
+    """acc[t] = log(exp(acc[t]) + sum of exp(value[i]) with target[i] = t), stably, in place.
+
+    Many values (the edges of a conversion): dense over `acc` (a max-scatter, then one exp and
+    log per cell), no sort. Few values (EOT entries): only the touched cells, grouped by unique.
+    """
     finite = torch.isfinite(value)
     target, value = target[finite], value[finite]
     if value.numel() == 0:
+        return
+    if value.numel() * 8 >= acc.numel():
+        peak = acc.clone()
+        peak.scatter_reduce_(0, target, value, reduce="amax", include_self=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # untouched -inf cells
+        total = torch.exp(acc - peak)  # 0 where acc is -inf
+        total.scatter_add_(0, target, torch.exp(value - peak.index_select(0, target)))
+        acc.copy_(peak + torch.log(total))  # log 0 = -inf where nothing was ever added
         return
     touched, slot = torch.unique(target, return_inverse=True)
     peak = acc[touched].clone()

@@ -1,4 +1,4 @@
-"""Exact next-byte distributions (mode "exact"): every valid cover, one extra tree-masked pass.
+r"""Exact next-byte distributions (mode "exact"): every valid cover, one extra tree-masked pass.
 
 The rule (what "exact" sums; see docs/byte-interface.md for `cover`)
 ---------------------------------------------------------------------
@@ -101,31 +101,47 @@ def _detect_shift(ids, data: bytes, vocab: TokenBytes) -> int:
                      "their own bytes")
 
 
-def _encode_bytes(vocab: TokenBytes, piece: bytes):
-    ids = [int(i) for i in vocab._encode_ids(piece.decode("utf-8"))]
-    got = b"".join((vocab.token_bytes(i) or b"\0\0") if 0 <= i < vocab.vocab_size else b"\0\0"
-                   for i in ids)
-    return ids, got
+def _encode_many(vocab: TokenBytes, pieces: list) -> list:
+    """(ids, their bytes) of each byte string, in one batch call to the tokenizer."""
+    table = vocab.all_token_bytes()
+    out = []
+    for ids in vocab.encode_ids_batch([piece.decode("utf-8") for piece in pieces]):
+        try:  # a row without bytes (or outside the model) can never match the text
+            got = b"".join([table[i] or b"\0\0" for i in ids])
+        except IndexError:
+            got = None
+        out.append((ids, got))
+    return out
 
 
-def prefix_encoding(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts: np.ndarray, shift: int,
-                    e: int, prefix_window: int | None):
-    """(enc(x[0..e)) as token ids, a length it surely shares with `ids`), or None when x[0..e) is
-    not a text of the tokenizer (case (b))."""
-    if e < shift or (e < len(data) and (data[e] & 0xC0) == 0x80):
-        return None
-    if e == shift:
-        return None  # the empty text: no tokens, and with a dummy prefix no byte-exact encoding
+def prefix_encodings(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts: np.ndarray, shift: int,
+                     prefix_window: int | None) -> dict:
+    """For each split `e` where x[0..e) is a text of the tokenizer (case (b)): (enc(x[0..e)) as
+    token ids, a length it surely shares with `ids`). Two batch calls to the tokenizer at most."""
+    # not inside a character, not before the text (the empty text has no tokens and, with a dummy
+    # prefix, no byte-exact encoding)
+    splits = [e for e in range(max(1, shift + 1), len(data)) if (data[e] & 0xC0) != 0x80]
+    found: dict = {}
+    full = splits
     if prefix_window is not None and shift == 0:
-        k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
-        j = max(0, k - int(prefix_window))
-        while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
-            j -= 1
-        local, got = _encode_bytes(vocab, data[starts[j]:e])
-        if got == data[starts[j]:e]:
-            return list(ids[:j]) + local, j
-    full, got = _encode_bytes(vocab, data[shift:e])
-    return (full, 0) if got == data[:e] else None
+        windows = []
+        for e in splits:
+            k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
+            j = max(0, k - int(prefix_window))
+            while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
+                j -= 1
+            windows.append(j)
+        encoded = _encode_many(vocab, [data[starts[j]:e] for e, j in zip(splits, windows)])
+        full = []
+        for e, j, (local, got) in zip(splits, windows, encoded):
+            if got == data[starts[j]:e]:
+                found[e] = (list(ids[:j]) + local, j)
+            else:  # the tokenizer changed the bytes: ask it about the whole prefix
+                full.append(e)
+    for e, (tau, got) in zip(full, _encode_many(vocab, [data[shift:e] for e in full])):
+        if got == data[:e]:
+            found[e] = (tau, 0)
+    return found
 
 
 def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int | None = 16) -> ExactContexts:
@@ -137,11 +153,9 @@ def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int 
     boundary = {int(s): k for k, s in enumerate(starts)}
     P = len(ids) + 1
     trie: dict[tuple, int] = {}
-    for e in range(1, len(data)):
-        found = prefix_encoding(vocab, ids, data, starts, shift, e, prefix_window)
-        if found is None:
-            continue
-        tau, a = found
+    encodings = prefix_encodings(vocab, ids, data, starts, shift, prefix_window)
+    for e in sorted(encodings):
+        tau, a = encodings[e]
         k = boundary.get(e)
         if k is not None and len(tau) == k and tau[a:] == ids[a:k]:
             continue  # the canonical prefix: already a `cover` context
@@ -259,12 +273,13 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
                                c_w + c_rows[:, int(eos_id)].double())
         edges = _context_edges(c_rows, c_start, c_w, data, vocab, memory)
         if edges["value"].numel():
+            before = extra.clone()
+            _logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
             # Row totals seen so far are at most the final ones, so this flags every edge the
             # final totals would flag (and perhaps a few more, summed directly all the same).
-            seen = torch.logaddexp(out, extra)
-            _logaddexp_scatter(seen.view(-1), edges["target"], edges["value"])
-            _refine_small_masses(seen, edges, c_w, c_rows, perm)
-            _logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
+            if _refine_small_masses(torch.logaddexp(out, extra), edges, c_w, c_rows, perm):
+                extra = before
+                _logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
     total = torch.logaddexp(out, extra)
     if canon_edges["value"].numel() and _refine_small_masses(total, canon_edges, log_prefix, logprobs, perm):
         out = eot_only

@@ -78,6 +78,7 @@ class TokenBytes:
     _encode_ids: Callable[[str], list[int]] = field(repr=False)
     unk_id: int | None = None
     hint: str = ""  # what this tokenizer is known to do to text (normaliser), for error messages
+    _encode_batch: Callable[[list], list] | None = field(default=None, repr=False)  # the tokenizer's own batch call
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -91,7 +92,7 @@ class TokenBytes:
         for build in builders:
             built = build(tok, name)
             if built is not None:
-                table, encode_ids, unk_id, hint, label = built
+                table, encode_ids, unk_id, hint, label, encode_batch = built
                 break
         else:
             raise TypeError(
@@ -105,7 +106,7 @@ class TokenBytes:
                 "the model cannot embed every token. Use the model's real embedding size "
                 f"(>= {len(table)}) or the tokenizer that belongs to this model")
         return cls(name=label, table=table, vocab_size=rows, _encode_ids=encode_ids,
-                   unk_id=unk_id, hint=hint)
+                   unk_id=unk_id, hint=hint, _encode_batch=encode_batch)
 
     # ------------------------------------------------------------------ lookups
     def token_bytes(self, i: int) -> bytes | None:
@@ -166,6 +167,12 @@ class TokenBytes:
             spans.append((start, pos))
         return ids, spans
 
+    def encode_ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """The tokenizer's own ids for many texts (its batch call where it has one; no checks)."""
+        if self._encode_batch is not None:
+            return [[int(i) for i in ids] for ids in self._encode_batch(list(texts))]
+        return [[int(i) for i in self._encode_ids(t)] for t in texts]
+
     def _mismatch_message(self, text: str, data: bytes, rebuilt: bytes) -> str:
         def agreement(candidate: bytes) -> int:
             return next((n for n, (a, b) in enumerate(zip(data, candidate)) if a != b),
@@ -212,7 +219,7 @@ def _from_tiktoken(tok, name):
         except KeyError:  # a gap in the ranks
             table.append(None)
     label = name or f"tiktoken.Encoding({tok.name!r})"
-    return table, tok.encode_ordinary, None, "", label
+    return table, tok.encode_ordinary, None, "", label, tok.encode_ordinary_batch
 
 
 # ---------------------------------------------------------------------- sentencepiece
@@ -254,7 +261,8 @@ def _from_sentencepiece(tok, name):
     except Exception:  # noqa: BLE001 - the proto is only used to explain errors
         pass
     label = name or f"SentencePieceProcessor({tok.get_piece_size()} pieces)"
-    return table, lambda text: tok.encode(text, out_type=int), unk_id, hint, label
+    return (table, lambda text: tok.encode(text, out_type=int), unk_id, hint, label,
+            lambda texts: tok.encode(list(texts), out_type=int))
 
 
 # ---------------------------------------------------------------------- Hugging Face
@@ -340,4 +348,19 @@ def _from_huggingface(tok, name):
     def encode_ids(text: str) -> list[int]:
         return tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    return table, encode_ids, unk_id, hint, label
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+
+    def encode_batch(texts: list) -> list:
+        if not texts:
+            return []
+        if backend is None or not hasattr(backend, "encode_special_tokens"):
+            return tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # the Rust tokenizer itself: what `tok(...)` does, without its per-text Python wrapping
+        saved = backend.encode_special_tokens
+        backend.encode_special_tokens = True  # = split_special_tokens: special-looking text is text
+        try:
+            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = saved
+
+    return table, encode_ids, unk_id, hint, label, encode_batch

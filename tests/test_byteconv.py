@@ -260,3 +260,28 @@ def test_teacher_bpb_and_gap_on_a_byte_level_teacher_are_equal():
     # a byte-level teacher with its EOS as EOT: q_n = p_n, so both levels agree
     assert result.byte_bpb == pytest.approx(expected, rel=1e-5)
     assert result.gap == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("n_values", [3, 5000])  # the touched-cells path and the dense path
+def test_logaddexp_scatter_against_a_loop(n_values):
+    from bld_scale.byteconv import _logaddexp_scatter
+
+    g = torch.Generator().manual_seed(n_values)
+    acc = torch.randn(400, generator=g, dtype=torch.float64) * 30
+    acc[torch.randperm(400, generator=g)[:150]] = -math.inf  # cells nothing reached yet
+    target = torch.randint(0, 400, (n_values,), generator=g)
+    value = torch.randn(n_values, generator=g, dtype=torch.float64) * 30 - 700  # tiny masses too
+    value[::7] = -math.inf
+    # in log space, by hand: logsumexp over the cell's old value and its values
+    want = acc.clone()
+    for t in range(400):
+        vals = [v for v, tt in zip(value.tolist(), target.tolist()) if tt == t and math.isfinite(v)]
+        if vals:
+            items = vals + ([acc[t].item()] if math.isfinite(acc[t].item()) else [])
+            peak = max(items)
+            want[t] = peak + math.log(math.fsum(math.exp(x - peak) for x in items))
+    got = acc.clone()
+    _logaddexp_scatter(got, target, value)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)

@@ -287,6 +287,20 @@ def test_literal_special_tokens_are_text(case_of, name):
         assert all(case.tb.token_bytes(i) is not None for i in ids)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_batch_encoding_equals_one_text_at_a_time(case_of, heldout_text, name):
+    """`encode_ids_batch` (the tokenizer's own batch call, used by mode 'exact') gives the ids of
+    the single-text encoder, specials-as-text included, and leaves the tokenizer as it was."""
+    case = case_of(name)
+    texts = ["", " ", "<|endoftext|> and <s>", "a<tool_call>b", "  two  spaces", "é😀 x"]
+    texts += [heldout_text[i:i + 70] for i in range(0, 3500, 50)]
+    backend = getattr(case.tok, "backend_tokenizer", None)
+    flag = getattr(backend, "encode_special_tokens", None)
+    batch = case.tb.encode_ids_batch(texts)
+    assert getattr(backend, "encode_special_tokens", None) == flag
+    assert batch == [list(map(int, case.tb._encode_ids(t))) for t in texts]
+
+
 def test_encode_leaves_hf_special_handling_alone(case_of):
     case = case_of("llama3")
     tok = case.tok

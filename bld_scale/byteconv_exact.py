@@ -52,10 +52,13 @@ chunked to `max_tokens` query positions). The sums over next tokens reuse the so
 ranges and the log-space mixing of `cover`.
 
 `prefix_window` (tokens, default 16): `enc(x[0..e))` is computed as `t_<j + enc(x[s_j..e))` with
-`j` that many canonical tokens before `e` (one tokenizer call on a short string per context).
+`j` that many canonical tokens before `e` (all contexts in one batch call to the tokenizer).
 That equals the full encoding whenever the tokenizer's split at `s_j` is stable (a pre-token
-boundary of byte-level BPE, far enough back for BPE merges), which holds in practice; `None`
-encodes the whole prefix every time (quadratic in the text length; the tests use it).
+boundary, far enough back for BPE merges). A window whose encoding does not repeat the
+canonical tokens over its first half is not stable (Tekken's pre-tokenizer joins "'I" alone but
+not after "--"), and that context is encoded whole; the tests check windowed == whole on
+held-out text for byte-level BPE, Llama-3-style BPE, Tekken, Gemma and Mistral SentencePiece.
+`None` encodes the whole prefix every time (quadratic in the text length).
 """
 from __future__ import annotations
 
@@ -124,19 +127,24 @@ def prefix_encodings(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts:
     found: dict = {}
     full = splits
     if prefix_window is not None and shift == 0:
-        windows = []
+        windows, agree = [], []
         for e in splits:
             k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
             j = max(0, k - int(prefix_window))
             while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
                 j -= 1
             windows.append(j)
+            agree.append(0 if j == 0 else max(1, (k - j) // 2))
         encoded = _encode_many(vocab, [data[starts[j]:e] for e, j in zip(splits, windows)])
         full = []
-        for e, j, (local, got) in zip(splits, windows, encoded):
-            if got == data[starts[j]:e]:
+        for e, j, h, (local, got) in zip(splits, windows, agree, encoded):
+            # The window must start where the text's own tokenization does: far from e the
+            # prefix's encoding is the text's, so the window's first half must repeat the
+            # canonical tokens (a pre-tokenizer can tie the window's first token to the bytes
+            # before it, e.g. Tekken splits "--'I" as "'", "I" but "'I" alone as one token).
+            if got == data[starts[j]:e] and list(local[:h]) == list(ids[j:j + h]):
                 found[e] = (list(ids[:j]) + local, j)
-            else:  # the tokenizer changed the bytes: ask it about the whole prefix
+            else:  # ask the tokenizer about the whole prefix
                 full.append(e)
     for e, (tau, got) in zip(full, _encode_many(vocab, [data[shift:e] for e in full])):
         if got == data[:e]:

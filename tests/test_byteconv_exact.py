@@ -146,13 +146,17 @@ def test_byte_level_tokenizer_exact_equals_cover():
     assert torch.equal(got, byte_logprobs(lp, ids, vocab, eos_id=eos))
 
 
-def test_prefix_window_gives_the_full_prefix_encoding(bpe_tok, heldout_text):
-    vocab = TokenBytes.from_tokenizer(bpe_tok)
-    ids, _ = vocab.encode(heldout_text[5000:5600])
-    full = exact_contexts(ids, vocab, prefix_window=None)
-    windowed = exact_contexts(ids, vocab, prefix_window=16)
-    assert full.starts == windowed.starts and full.tokens == windowed.tokens
-    assert len(full.starts) > len(ids)  # boundaries inside tokens are most of the contexts
+@pytest.mark.parametrize("name", ["bpe", "llama3", "tekken", "gemma_sp", "gemma_hf", "mistral_sp", "mistral_hf"])
+def test_prefix_window_gives_the_full_prefix_encoding(case_of, heldout_text, name):
+    """The windowed prefix encodings (16 tokens back) equal the tokenizer's encoding of the whole
+    prefix, for every family: BPE with and without pre-tokenizer, tiktoken, SentencePiece."""
+    vocab = case_of(name).tb
+    for start in (5000, 41_000):
+        ids, _ = vocab.encode(heldout_text[start:start + 500])
+        full = exact_contexts(ids, vocab, prefix_window=None)
+        windowed = exact_contexts(ids, vocab, prefix_window=16)
+        assert full.starts == windowed.starts and full.tokens == windowed.tokens
+        assert len(full.starts) > len(ids) // 2  # boundaries inside tokens: many contexts
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -54,7 +54,8 @@ ranges and the log-space mixing of `cover`.
 `prefix_window` (tokens, default 16): `enc(x[0..e))` is computed as `t_<j + enc(x[s_j..e))` with
 `j` that many canonical tokens before `e` (all contexts in one batch call to the tokenizer).
 That equals the full encoding whenever the tokenizer's split at `s_j` is stable (a pre-token
-boundary, far enough back for BPE merges). A window whose encoding does not repeat the
+boundary, far enough back for BPE merges). Under a SentencePiece dummy prefix the window starts
+at a token that begins with a space and is encoded without it (the dummy prefix gives it back). A window whose encoding does not repeat the
 canonical tokens over its first half is not stable (Tekken's pre-tokenizer joins "'I" alone but
 not after "--"), and that context is encoded whole; the tests check windowed == whole on
 held-out text for byte-level BPE, Llama-3-style BPE, Tekken, Gemma and Mistral SentencePiece.
@@ -126,16 +127,18 @@ def prefix_encodings(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts:
     splits = [e for e in range(max(1, shift + 1), len(data)) if (data[e] & 0xC0) != 0x80]
     found: dict = {}
     full = splits
-    if prefix_window is not None and shift == 0:
+    if prefix_window is not None:
         windows, agree = [], []
         for e in splits:
             k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
             j = max(0, k - int(prefix_window))
-            while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
+            # a window starts at a character; under a dummy prefix, at a token that starts with
+            # the space the dummy prefix gives back
+            while j > 0 and ((data[starts[j]] & 0xC0) == 0x80 or (shift and data[starts[j]] != 0x20)):
                 j -= 1
             windows.append(j)
             agree.append(0 if j == 0 else max(1, (k - j) // 2))
-        encoded = _encode_many(vocab, [data[starts[j]:e] for e, j in zip(splits, windows)])
+        encoded = _encode_many(vocab, [data[starts[j] + shift:e] for e, j in zip(splits, windows)])
         full = []
         for e, j, h, (local, got) in zip(splits, windows, agree, encoded):
             # The window must start where the text's own tokenization does: far from e the

@@ -305,3 +305,18 @@ def test_vanishing_masses_take_the_direct_sums_and_still_match_brute_force(monke
     ref = brute_force_exact(model, vocab, ids, bos, eos, vocab._encode_ids, 0)
     assert any(taken)
     assert np.abs(got.double().exp().numpy() - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name,text", [("mistral_sp", "the theme"), ("tekken", "There's")])
+def test_real_vocabularies_match_brute_force(case_of, name, text):
+    """Full-size real vocabularies (Mistral's 32k SentencePiece with its dummy prefix, Tekken's
+    131k tiktoken BPE) on short strings, against the enumeration."""
+    vocab = case_of(name).tb
+    special = next(i for i in range(vocab.vocab_size) if vocab.token_bytes(i) is None)
+    model = tiny_llama(vocab.vocab_size, seed=12)
+    ids, lp, got = run_exact(model, vocab, text, special, special, prefix_window=16)
+    shift = exact_contexts(ids, vocab).shift
+    ref = brute_force_exact(model, vocab, ids, special, special, vocab._encode_ids, shift)
+    assert np.abs(got.double().exp().numpy() - ref).max() <= 1e-5
+    cover = byte_logprobs(lp, ids, vocab, eos_id=special).double().exp().numpy()
+    assert np.abs(cover - ref).max() > 1e-4  # the strings have boundaries inside tokens

@@ -54,8 +54,9 @@ ranges and the log-space mixing of `cover`.
 `prefix_window` (tokens, default 16): `enc(x[0..e))` is computed as `t_<j + enc(x[s_j..e))` with
 `j` that many canonical tokens before `e` (all contexts in one batch call to the tokenizer).
 That equals the full encoding whenever the tokenizer's split at `s_j` is stable (a pre-token
-boundary, far enough back for BPE merges). Under a SentencePiece dummy prefix the window starts
-at a token that begins with a space and is encoded without it (the dummy prefix gives it back). A window whose encoding does not repeat the
+boundary, far enough back for BPE merges), so a window starts at a token that begins with a
+space where one is near (a word boundary in every family here); under a SentencePiece dummy
+prefix it must, and is encoded without that space (the dummy prefix gives it back). A window whose encoding does not repeat the
 canonical tokens over its first half is not stable (Tekken's pre-tokenizer joins "'I" alone but
 not after "--"), and that context is encoded whole; the tests check windowed == whole on
 held-out text for byte-level BPE, Llama-3-style BPE, Tekken, Gemma and Mistral SentencePiece.
@@ -132,9 +133,17 @@ def prefix_encodings(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts:
         for e in splits:
             k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
             j = max(0, k - int(prefix_window))
-            # a window starts at a character; under a dummy prefix, at a token that starts with
-            # the space the dummy prefix gives back
-            while j > 0 and ((data[starts[j]] & 0xC0) == 0x80 or (shift and data[starts[j]] != 0x20)):
+            # Start at a token that begins with a space (a word boundary for every family here;
+            # under a dummy prefix the space it gives back), looking at most prefix_window tokens
+            # further back; else, without a dummy prefix, where we were, at a character.
+            w = j
+            while w > 0 and data[starts[w]] != 0x20 and w > j - int(prefix_window):
+                w -= 1
+            if w == 0 or data[starts[w]] == 0x20:
+                j = w
+            elif shift:
+                j = 0
+            while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
                 j -= 1
             windows.append(j)
             agree.append(0 if j == 0 else max(1, (k - j) // 2))

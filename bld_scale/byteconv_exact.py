@@ -275,19 +275,22 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
     node_lp = torch.empty(M, dtype=torch.float64, device=device)  # log P(tau) up to each node
     contexts_of = _contexts_by_node(ctx, M)
     parent = np.asarray(ctx.parent, dtype=np.int64)
+    node_token = np.asarray(ctx.node_token, dtype=np.int64)
+    node_of = np.asarray(ctx.node_of, dtype=np.int64)
+    context_start = np.asarray(ctx.starts, dtype=np.int64)
     P = len(ids) + 1
     for chunk in itertools.chain([first] if first is not None and M else [], chunks):
         if info is not None:
             info["forwards"] += chunk is not first
         rows = chunk.logprobs.to(device)
-        _node_weights(node_lp, chunk.nodes, rows, parent, np.asarray(ctx.node_token), P, logprobs, log_prefix)
+        _node_weights(node_lp, chunk.nodes, rows, parent, node_token, P, logprobs, log_prefix)
         cs = np.concatenate([contexts_of[j] for j in chunk.nodes]) if chunk.nodes.size else np.zeros(0, np.int64)
         if cs.size == 0:
             continue
-        local = np.searchsorted(chunk.nodes, np.asarray(ctx.node_of)[cs])
+        local = np.searchsorted(chunk.nodes, node_of[cs])
         c_rows = rows.index_select(0, torch.as_tensor(local, device=device))
-        c_w = node_lp[torch.as_tensor(np.asarray(ctx.node_of)[cs], device=device)]
-        c_start = np.asarray(ctx.starts, dtype=np.int64)[cs]
+        c_w = node_lp[torch.as_tensor(node_of[cs], device=device)]
+        c_start = context_start[cs]
         if eos_id is not None:  # EOT where a valid complete tokenization ends
             _logaddexp_scatter(extra.view(-1), torch.as_tensor(c_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
                                c_w + c_rows[:, int(eos_id)].double())

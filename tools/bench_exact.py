@@ -145,8 +145,7 @@ def bench_bigram(args):
     model, tok, label = load_teacher()
     vocab = TokenBytes.from_tokenizer(tok, vocab_size=model.config.vocab_size)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    texts_of = [None if b is None else b.decode("utf-8", "ignore") if _is_text(b) else None
-                for b in vocab.all_token_bytes()]
+    texts_of = [_text_or_none(b) for b in vocab.all_token_bytes()]
     candidates = [v for v, t in enumerate(texts_of) if t is not None]
     passes: dict = {}
 
@@ -179,12 +178,12 @@ def bench_bigram(args):
           f"next token fails it at {own_fails} of {positions} prefixes")
 
 
-def _is_text(b: bytes) -> bool:
+def _text_or_none(b: bytes | None) -> str | None:
+    """The token's text, or None for a row without bytes or bytes that are not UTF-8 on their own."""
     try:
-        b.decode("utf-8")
-        return True
+        return None if b is None else b.decode("utf-8")
     except UnicodeDecodeError:
-        return False
+        return None
 
 
 def bench_brute_force():

@@ -1,9 +1,9 @@
 """The demo assets the project ships: a small teacher LM and a student tokenizer of another family.
 
-* `bld_scale/data/demo/teacher/`: a Hugging Face `LlamaForCausalLM` (a few million parameters)
+* `bld_scale/assets/demo/teacher/`: a Hugging Face `LlamaForCausalLM` (a few million parameters)
   with its GPT-2-style byte-level BPE tokenizer (4,096 ids, `<|endoftext|>` as BOS/EOS), made by
   `tools/train_demo_tokenizers.py` then `tools/train_demo_teacher.py`; `TRAINING.json` records how.
-* `bld_scale/data/demo/student_tokenizer/`: a Llama-style SentencePiece (2,048 pieces, byte
+* `bld_scale/assets/demo/student_tokenizer/`: a Llama-style SentencePiece (2,048 pieces, byte
   fallback) as `tokenizer.model` plus the Hugging Face files, made by
   `tools/train_demo_tokenizers.py`.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).parent / "data" / "demo"
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 TEACHER_DIR = DEMO_DIR / "teacher"
 STUDENT_TOKENIZER_DIR = DEMO_DIR / "student_tokenizer"
 

@@ -17,7 +17,7 @@ TRAIN_CHARS = 40_000  # characters taken from each
 
 @pytest.fixture(scope="session")
 def train_texts() -> list[str]:
-    from bld_scale.corpus import load_works
+    from bld_scale.data.corpus import load_works
 
     works = load_works("train")
     return [text[:TRAIN_CHARS] for _, text in sorted(works.items())[:TRAIN_WORKS]]
@@ -25,7 +25,7 @@ def train_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def heldout_text() -> str:
-    from bld_scale.corpus import load_works
+    from bld_scale.data.corpus import load_works
 
     return load_works("heldout")["hamlet"]
 
@@ -33,21 +33,21 @@ def heldout_text() -> str:
 # ---------------------------------------------------------------------- real vocabularies
 @pytest.fixture(scope="session")
 def tekken_tok():
-    from bld_scale.tokenizer_zoo import tekken
+    from bld_scale.tokenize.zoo import tekken
 
     return tekken()
 
 
 @pytest.fixture(scope="session")
 def mistral_sp_tok():
-    from bld_scale.tokenizer_zoo import mistral_sentencepiece
+    from bld_scale.tokenize.zoo import mistral_sentencepiece
 
     return mistral_sentencepiece()
 
 
 @pytest.fixture(scope="session")
 def mistral_hf_tok():
-    from bld_scale.tokenizer_zoo import mistral_hf
+    from bld_scale.tokenize.zoo import mistral_hf
 
     return mistral_hf()
 
@@ -56,7 +56,7 @@ def mistral_hf_tok():
 @pytest.fixture(scope="session")
 def bpe_tok(train_texts):
     """GPT-2-style byte-level BPE (Hugging Face fast tokenizer, <|endoftext|> special)."""
-    from bld_scale.tokenizer_zoo import train_byte_level_bpe
+    from bld_scale.tokenize.zoo import train_byte_level_bpe
 
     return train_byte_level_bpe(train_texts, 1024)
 
@@ -64,7 +64,7 @@ def bpe_tok(train_texts):
 @pytest.fixture(scope="session")
 def sp_tok(train_texts):
     """Llama-style SentencePiece (BPE, byte fallback, dummy prefix, identity normaliser)."""
-    from bld_scale.tokenizer_zoo import train_sentencepiece
+    from bld_scale.tokenize.zoo import train_sentencepiece
 
     return train_sentencepiece(train_texts, 1024)
 
@@ -72,7 +72,7 @@ def sp_tok(train_texts):
 @pytest.fixture(scope="session")
 def sp_nofallback_tok(train_texts):
     """SentencePiece without byte fallback: unseen characters become <unk>."""
-    from bld_scale.tokenizer_zoo import train_sentencepiece
+    from bld_scale.tokenize.zoo import train_sentencepiece
 
     return train_sentencepiece(train_texts, 600, byte_fallback=False)
 
@@ -122,7 +122,7 @@ def llama3_tok(train_texts):
 @pytest.fixture(scope="session")
 def gemma_sp_tok(train_texts):
     """SentencePiece without dummy prefix (Gemma-style ids: pad 0, eos 1, bos 2, unk 3)."""
-    from bld_scale.tokenizer_zoo import train_sentencepiece
+    from bld_scale.tokenize.zoo import train_sentencepiece
 
     return train_sentencepiece(train_texts, 800, add_dummy_prefix=False, pad_id=0, eos_id=1,
                                bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
@@ -135,7 +135,7 @@ def gemma_hf_tok(gemma_sp_tok):
     byte fallback, no dummy prefix), converted offline."""
     from transformers import GemmaTokenizer
 
-    from bld_scale.tokenizer_zoo import save_sentencepiece
+    from bld_scale.tokenize.zoo import save_sentencepiece
 
     with tempfile.TemporaryDirectory() as tmp:
         save_sentencepiece(gemma_sp_tok, pathlib.Path(tmp) / "tokenizer.model")
@@ -175,7 +175,7 @@ class Case:
 @pytest.fixture(scope="session")
 def case_of(request):
     """`case_of(name)` -> `Case`, the TokenBytes built once per session."""
-    from bld_scale.vocab import TokenBytes
+    from bld_scale.tokenize.token_bytes import TokenBytes
 
     cache: dict = {}
 

@@ -1,5 +1,5 @@
 """Small explicit vocabularies for conversion tests (imported by the test modules)."""
-from bld_scale.vocab import TokenBytes
+from bld_scale.tokenize.token_bytes import TokenBytes
 
 SINGLE_BYTES = [bytes([b]) for b in range(256)]
 

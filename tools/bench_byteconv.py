@@ -56,10 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bld_scale import byteconv, tokenizer_zoo  # noqa: E402
-from bld_scale.byteconv import byte_logprobs, byte_logprobs_batch  # noqa: E402
-from bld_scale.corpus import load_works  # noqa: E402
-from bld_scale.vocab import TokenBytes  # noqa: E402
+from bld_scale.convert import one_pass as byteconv  # noqa: E402
+from bld_scale.tokenize import zoo as tokenizer_zoo  # noqa: E402
+from bld_scale.convert.one_pass import byte_logprobs, byte_logprobs_batch  # noqa: E402
+from bld_scale.data.corpus import load_works  # noqa: E402
+from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
 
 TEKKEN_EOS = 2  # "</s>"
 ZIPF_S = 1.0

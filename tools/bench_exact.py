@@ -5,7 +5,7 @@ and the divergence between exact, cover and within_token on the demo teacher.
 
 1. Cost: for held-out snippets, wall time of one teacher forward over [BOS] + tokens (the pass
    `cover` needs anyway) against the extra work of `exact` (prefix encodings, the tree-masked
-   forward, the conversion), on the demo teacher (`bld_scale/data/demo/teacher`) or, when it is
+   forward, the conversion), on the demo teacher (`bld_scale/assets/demo/teacher`) or, when it is
    missing, a tiny random Llama over the demo tokenizer. Minimum of `--repeat` runs each.
 2. Brute force: mean Jensen-Shannon divergence (bits per byte) and max abs probability difference
    of `exact` to the enumeration of `tests/test_byteconv_exact.py` (float64 tiny Llama, short
@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bld_scale.byteconv import byte_logprobs  # noqa: E402
-from bld_scale.byteconv_exact import byte_logprobs_exact, teacher_logprobs  # noqa: E402
-from bld_scale.vocab import TokenBytes  # noqa: E402
+from bld_scale.convert.one_pass import byte_logprobs  # noqa: E402
+from bld_scale.convert.exact import byte_logprobs_exact, teacher_logprobs  # noqa: E402
+from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
 
 
 def jsd_bits(a_log: torch.Tensor, b_log: torch.Tensor) -> float:
@@ -61,7 +61,7 @@ def load_teacher():
 
     try:
         model, tok = load_demo_teacher()
-        return model, tok, "demo teacher (bld_scale/data/demo/teacher)"
+        return model, tok, "demo teacher (bld_scale/assets/demo/teacher)"
     except FileNotFoundError:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -134,7 +134,7 @@ def bench_teacher(args):
 
 
 def text_snippets(count: int, size: int) -> list[str]:
-    from bld_scale.corpus import load_works
+    from bld_scale.data.corpus import load_works
 
     name, text = sorted(load_works("heldout").items())[0]
     data = text.encode()
@@ -190,9 +190,9 @@ def bench_brute_force():
     sys.path.insert(0, str(ROOT / "tests"))
     from test_byteconv_exact import SMALL, brute_force_exact, table_vocab, tiny_llama
 
-    from bld_scale.byteconv_exact import exact_contexts
-    from bld_scale.corpus import load_works
-    from bld_scale.tokenizer_zoo import train_byte_level_bpe
+    from bld_scale.convert.exact import exact_contexts
+    from bld_scale.data.corpus import load_works
+    from bld_scale.tokenize.zoo import train_byte_level_bpe
 
     cases = []
     small = table_vocab(SMALL)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bld_scale import tokenizer_zoo  # noqa: E402
-from bld_scale.corpus import load_works  # noqa: E402
-from bld_scale.vocab import TokenBytes  # noqa: E402
+from bld_scale.tokenize import zoo as tokenizer_zoo  # noqa: E402
+from bld_scale.data.corpus import load_works  # noqa: E402
+from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
 
 
 def _own_encode(tok):

@@ -80,7 +80,7 @@ def teacher_config(recipe, override: str | None) -> dict:
 
 
 def student_config(recipe, vocab: int | None) -> dict:
-    from bld_scale.train import _student_config_dict
+    from bld_scale.train.pipeline import _student_config_dict
 
     cfg = _student_config_dict(recipe)
     if vocab is None:
@@ -100,8 +100,8 @@ def estimate(recipe, nodes: int, gpus_per_node: int, t_cfg: dict, s_cfg: dict,
     import torch
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    from bld_scale.heads import build_byte_head
-    from bld_scale.parallelize import load_ds_json
+    from bld_scale.model.heads import build_byte_head
+    from bld_scale.parallel.engines import load_ds_json
 
     gpus = nodes * gpus_per_node
     t_model, t_c = _build_meta(t_cfg)

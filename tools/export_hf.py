@@ -30,7 +30,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def consolidated_state_dict(step_dir: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from bld_scale.checkpoint import DS_TAG
+    from bld_scale.checkpoint.manager import DS_TAG
 
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG)
 
@@ -40,9 +40,9 @@ def build_from_checkpoint(step_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from bld_scale.checkpoint import STUDENT_FILES
-    from bld_scale.heads import HEAD_CONFIG_FILE, build_byte_head
-    from bld_scale.student import Student
+    from bld_scale.checkpoint.manager import STUDENT_FILES
+    from bld_scale.model.heads import HEAD_CONFIG_FILE, build_byte_head
+    from bld_scale.model.student import Student
 
     files = step_dir / STUDENT_FILES
     config = AutoConfig.from_pretrained(files)
@@ -65,8 +65,8 @@ def build_from_checkpoint(step_dir: Path):
 def export(checkpoint: str | Path, out: str | Path, byte_head: bool = True, dtype: str = "fp32") -> Path:
     import torch
 
-    from bld_scale.checkpoint import read_meta, resolve_checkpoint
-    from bld_scale.heads import save_byte_head
+    from bld_scale.checkpoint.manager import read_meta, resolve_checkpoint
+    from bld_scale.model.heads import save_byte_head
 
     step_dir = resolve_checkpoint(checkpoint)
     student, tokenizer = build_from_checkpoint(step_dir)

@@ -21,7 +21,7 @@ def _mb(n: int) -> str:
 
 
 def summary(step_dir: Path) -> dict:
-    from bld_scale.checkpoint import DS_TAG, folder_bytes, read_meta
+    from bld_scale.checkpoint.manager import DS_TAG, folder_bytes, read_meta
 
     meta = read_meta(step_dir)
     ds = step_dir / DS_TAG
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", action="store_true", help="also print the resolved recipe it was saved with")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
-    from bld_scale.checkpoint import resolve_checkpoint
+    from bld_scale.checkpoint.manager import resolve_checkpoint
 
     s = summary(resolve_checkpoint(args.checkpoint))
     print(json.dumps(s, indent=2) if args.json else render(s, args.recipe))

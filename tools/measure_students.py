@@ -39,15 +39,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bld_scale.byteconv import byte_logprobs  # noqa: E402
+from bld_scale.convert.one_pass import byte_logprobs  # noqa: E402
 from bld_scale.config import load_recipe  # noqa: E402
-from bld_scale.corpus import load_works  # noqa: E402
-from bld_scale.data import PairTokenizer, collate, split_windows  # noqa: E402
-from bld_scale.datasource import WindowStream  # noqa: E402
-from bld_scale.metrics import LN2, byte_nll, token_nll  # noqa: E402
-from bld_scale.parallelize import _param_groups, warmup_cosine  # noqa: E402
-from bld_scale.step import StepSettings, distill_step, student_nll  # noqa: E402
-from bld_scale.train import seed_everything, setup_student, setup_tokenizers  # noqa: E402
+from bld_scale.data.corpus import load_works  # noqa: E402
+from bld_scale.data.batch import PairTokenizer, collate, split_windows  # noqa: E402
+from bld_scale.data.sources import WindowStream  # noqa: E402
+from bld_scale.evaluate import LN2, byte_nll, token_nll  # noqa: E402
+from bld_scale.parallel.engines import _param_groups, warmup_cosine  # noqa: E402
+from bld_scale.train.step import StepSettings, distill_step, student_nll  # noqa: E402
+from bld_scale.train.pipeline import seed_everything, setup_student, setup_tokenizers  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 VARIANTS = {  # name -> (method, head)

@@ -15,7 +15,7 @@ clipping, fp32. At the end the held-out works are scored: bits per byte = nats s
 non-overlapping BOS-prefixed windows / (text bytes of those windows * ln 2), the bytes counted from
 the tokens' byte spans (`TokenBytes.encode`).
 
-Outputs (in `--out`, default `bld_scale/data/demo/teacher/`): config.json, model.safetensors,
+Outputs (in `--out`, default `bld_scale/assets/demo/teacher/`): config.json, model.safetensors,
 generation_config.json (next to the tokenizer files already there), metrics.jsonl (step, loss,
 lr), TRAINING.json (seed, sizes, steps, wall time, held-out BPB) and the plot
 docs/demo_teacher_loss.png.
@@ -40,9 +40,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bld_scale.corpus import HELDOUT_WORKS, load_works  # noqa: E402
+from bld_scale.data.corpus import HELDOUT_WORKS, load_works  # noqa: E402
 from bld_scale.demo import TEACHER_DIR  # noqa: E402
-from bld_scale.vocab import TokenBytes  # noqa: E402
+from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
 
 PLOT = REPO / "docs" / "demo_teacher_loss.png"
 

@@ -2,11 +2,11 @@
 """Train the two demo tokenizers the project ships, from the corpus's training works only.
 
 * TEACHER: a GPT-2-style byte-level BPE (4,096 ids, `<|endoftext|>` as BOS and EOS), saved as a
-  Hugging Face tokenizer folder in `bld_scale/data/demo/teacher/` (the teacher model is saved next
+  Hugging Face tokenizer folder in `bld_scale/assets/demo/teacher/` (the teacher model is saved next
   to it later by `tools/train_demo_teacher.py`).
 * STUDENT: a Llama-style SentencePiece BPE with byte fallback (2,048 pieces), another tokenizer
   family on purpose, so that distilling between them really crosses tokenizers. Saved as
-  `bld_scale/data/demo/student_tokenizer/tokenizer.model` together with the Hugging Face files
+  `bld_scale/assets/demo/student_tokenizer/tokenizer.model` together with the Hugging Face files
   `save_pretrained` writes for it.
 
 Held-out works (`bld_scale.corpus.HELDOUT_WORKS`) are never read for training: held-out bits per
@@ -30,10 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bld_scale.corpus import HELDOUT_WORKS, load_works  # noqa: E402
+from bld_scale.data.corpus import HELDOUT_WORKS, load_works  # noqa: E402
 from bld_scale.demo import DEMO_DIR  # noqa: E402
-from bld_scale.tokenizer_zoo import save_sentencepiece, train_byte_level_bpe, train_sentencepiece  # noqa: E402
-from bld_scale.vocab import TokenBytes  # noqa: E402
+from bld_scale.tokenize.zoo import save_sentencepiece, train_byte_level_bpe, train_sentencepiece  # noqa: E402
+from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
 
 TEACHER_VOCAB = 4096
 STUDENT_VOCAB = 2048

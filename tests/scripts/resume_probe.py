@@ -14,9 +14,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bld_scale.config import load_recipe  # noqa: E402
-from bld_scale.corpus import load_works  # noqa: E402
-from bld_scale.data import split_windows  # noqa: E402
-from bld_scale.train import Pipeline  # noqa: E402
+from bld_scale.data.corpus import load_works  # noqa: E402
+from bld_scale.data.batch import split_windows  # noqa: E402
+from bld_scale.train.pipeline import Pipeline  # noqa: E402
 
 PROBE_TEXT = load_works("heldout")["hamlet"][:4000]
 

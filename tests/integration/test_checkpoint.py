@@ -31,7 +31,7 @@ import pytest
 
 from launching import DISTILL, REPO, free_port, rank_env, records, torchrun
 PROBE = REPO / "tests" / "scripts" / "resume_probe.py"
-TEACHER = REPO / "bld_scale" / "data" / "demo" / "teacher"
+TEACHER = REPO / "bld_scale" / "assets" / "demo" / "teacher"
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.max_steps=8", "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=0",

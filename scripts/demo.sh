@@ -1,10 +1,68 @@
 #!/usr/bin/env bash
 # Install everything (first run) and run the embedded demo: the shipped teacher distils into a
-# student with another tokenizer, on CPU when there is no GPU. Extra arguments are recipe
-# overrides (key=value). Two ranks on CPU, one per GPU where there are GPUs.
-source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" requirements.txt
-if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  exec deepspeed launch/distill.py "$@"
+# student with another tokenizer, on CPU when there is no GPU.
+#
+#   bash scripts/demo.sh [PROGRAM ARGS]                     e.g. train.max_steps=20 --fresh
+#   bash scripts/demo.sh [LAUNCHER ARGS] -- [PROGRAM ARGS]  e.g. --num_gpus 1 -- train.max_steps=20
+#
+# PROGRAM ARGS go to launch/distill.py: recipe overrides key=value, --config, --fresh,
+# --print-recipe, --help (lists every recipe key). LAUNCHER ARGS, before a `--`, go to the
+# deepspeed launcher (--num_gpus, --include, --master_port, ...). Without a `--` every argument
+# goes to launch/distill.py.
+# Ranks: one per GPU where there are GPUs, two on CPU, unless LAUNCHER ARGS say (--num_gpus,
+# --include, --exclude).
+# Rendezvous port: a free one picked here, unless LAUNCHER ARGS give --master_port (DeepSpeed's
+# fixed default, 29500, fails with EADDRINUSE while another DeepSpeed job runs on the machine).
+# BLD_DEMO_DRY_RUN=1 prints the launch command instead of running it (and installs nothing).
+set -euo pipefail
+if [[ -n "${BLD_DEMO_DRY_RUN:-}" ]]; then
+  cd "$(dirname "${BASH_SOURCE[0]}")/.."
 else
-  exec deepspeed --num_gpus 2 launch/distill.py "$@"
+  source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" requirements.txt
 fi
+
+launcher=() program=() separated=0
+for arg in "$@"; do
+  if (( ! separated )) && [[ "$arg" == "--" ]]; then separated=1; continue; fi
+  if (( separated )); then program+=("$arg"); else launcher+=("$arg"); fi
+done
+if (( ! separated )); then
+  program=(${launcher[@]+"${launcher[@]}"}) launcher=()
+fi
+
+# True when one of the options $2... (as `--name value` or `--name=value`) is among $1's words.
+has_option() {
+  local -n words=$1
+  local word name
+  shift
+  for word in ${words[@]+"${words[@]}"}; do
+    for name in "$@"; do
+      [[ "$word" == "$name" || "$word" == "$name="* ]] && return 0
+    done
+  done
+  return 1
+}
+
+LAUNCHER_ONLY=(--num_gpus --num_accelerators --include --exclude --master_port --master_addr
+               --num_nodes --hostfile --launcher)
+if (( ! separated )) && has_option program "${LAUNCHER_ONLY[@]}"; then
+  echo "scripts/demo.sh: launcher arguments go before a '--', program arguments after it, e.g." >&2
+  echo "  bash scripts/demo.sh --num_gpus 1 -- train.max_steps=20" >&2
+  exit 2
+fi
+if ! has_option launcher --master_port; then
+  # Bound and released at once: the launcher binds it a moment later.
+  launcher+=(--master_port "$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')")
+fi
+if ! has_option launcher --num_gpus --num_accelerators --include --exclude -i -e \
+   && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  launcher=(--num_gpus 2 "${launcher[@]}")
+fi
+
+command=(deepspeed "${launcher[@]}" launch/distill.py ${program[@]+"${program[@]}"})
+if [[ -n "${BLD_DEMO_DRY_RUN:-}" ]]; then
+  printf '%q ' "${command[@]}"
+  echo
+  exit 0
+fi
+exec "${command[@]}"

@@ -16,6 +16,9 @@ Relative paths (documented rule):
 - A data entry `builtin:train` / `builtin:heldout` / `builtin:all` names the shipped Shakespeare
   corpus (`bld_scale.corpus.load_works(split)`) and is not a path.
 The resolved recipe (`save_resolved`) holds absolute paths only, so it reloads to the same recipe.
+
+Each field's `metadata["help"]` is its one-line meaning: `recipe_keys_help` lists every key with
+type, default and that line (`launch/distill.py --help`), so the dataclasses are the one source.
 """
 from __future__ import annotations
 
@@ -42,100 +45,124 @@ class RecipeError(ValueError):
     """A recipe that cannot run; the message names the offending key."""
 
 
-def _choice(default, choices: tuple, **kw):
-    """A string field restricted to `choices` (checked by `_check_choices`)."""
-    return field(default=default, metadata={"choices": choices, **kw})
+def _opt(default, help: str, **meta):
+    """A plain field; `help` is its one line in `--help` (see `recipe_keys_help`)."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
-def _path(default=None, *, role: str = "input", must_exist: bool = True, glob_ok: bool = False):
+def _choice(default, choices: tuple, help: str):
+    """A string field restricted to `choices` (checked by `_convert`)."""
+    return _opt(default, help, choices=choices)
+
+
+def _path(default=None, *, help: str, role: str = "input", must_exist: bool = True, glob_ok: bool = False):
     """A path field; `role` says which base a relative value resolves against (module docstring)."""
-    return field(default=default, metadata={"path": role, "must_exist": must_exist, "glob": glob_ok})
+    return _opt(default, help, path=role, must_exist=must_exist, glob=glob_ok)
 
 
-def _paths(role: str = "input"):
-    return field(default_factory=list, metadata={"path": role, "must_exist": True, "glob": True})
+def _paths(help: str, role: str = "input"):
+    return field(default_factory=list, metadata={"help": help, "path": role, "must_exist": True, "glob": True})
 
 
 @dataclass
 class TeacherConfig:
-    path: str = _path(None)  # HF model folder (config.json + weights)
-    tokenizer: Optional[str] = _path(None)  # None: the model folder
-    bos_token: Optional[str] = None  # override when the tokenizer has no usable BOS
-    dtype: str = _choice("auto", ("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on GPU, fp32 on CPU
+    """The model distilled from (frozen)."""
+    path: str = _path(None, help="required: HF model folder (config.json + weights)")
+    tokenizer: Optional[str] = _path(None, help="tokenizer folder; null: the model folder")
+    bos_token: Optional[str] = _opt(None, "BOS token text, for a tokenizer without a usable BOS")
+    dtype: str = _choice("auto", ("auto", "fp32", "bf16", "fp16"),
+                         "teacher weights; auto: bf16 on GPU, fp32 on CPU")
 
 
 @dataclass
 class StudentConfig:
+    """The model trained: an HF causal LM plus a byte head."""
     # A path to an HF config.json, or the config as a dict. `vocab_size` may be left out (or null):
     # it is then filled from the student tokenizer when the model is built.
-    config: Union[str, dict] = _path(None)
-    tokenizer: str = _path(None)
-    head: str = _choice("causal", ("linear", "causal"))
-    K: int = 10  # bytes predicted per position by the byte head
-    head_hidden_size: Optional[int] = None  # None: the student's hidden size
-    head_num_layers: int = 1
-    attn_implementation: str = _choice("auto", ("auto", "sdpa", "eager", "flash_attention_2"))
+    config: Union[str, dict] = _path(None, help="required: HF config.json path, or the config as a "
+                                                "mapping (vocab_size may be left out: taken from the tokenizer)")
+    tokenizer: str = _path(None, help="required: student tokenizer folder (may differ from the teacher's)")
+    head: str = _choice("causal", ("linear", "causal"), "byte head kind")
+    K: int = _opt(10, "bytes predicted per position by the byte head")
+    head_hidden_size: Optional[int] = _opt(None, "causal byte head width; null: the student's hidden size")
+    head_num_layers: int = _opt(1, "causal byte head layers")
+    attn_implementation: str = _choice(
+        "auto", ("auto", "sdpa", "eager", "flash_attention_2"),
+        "auto: FlashAttention-2 when flash-attn is importable on CUDA, else PyTorch SDPA")
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = _paths()  # files or globs, or builtin:<split>
-    format: str = _choice("text", ("text", "jsonl", "parquet"))
-    text_field: str = "text"  # jsonl / parquet column
-    heldout: list[str] = _paths()
-    window_bytes: int = 2048
-    streaming: bool = False
+    """Training and held-out text."""
+    train: list[str] = _paths("required: files or globs, or builtin:<split> (train, heldout, all)")
+    format: str = _choice("text", ("text", "jsonl", "parquet"), "file format of data.train and data.heldout")
+    text_field: str = _opt("text", "jsonl / parquet column holding the text")
+    heldout: list[str] = _paths("held-out files for bits per byte; empty: no evaluation")
+    window_bytes: int = _opt(2048, "bytes of text per training sequence")
+    streaming: bool = _opt(False, "read data.train lazily instead of loading it all first")
 
 
 @dataclass
 class DistillConfig:
-    method: str = _choice("bld", ("ce", "token_kd", "uld", "bld"))
-    lambda_b: float = 1.0
-    lambda_kl: float = 0.1
-    divergence: str = _choice("forward_kl", ("forward_kl", "reverse_kl", "jsd", "tvd"))
-    beta: float = 0.5  # JSD mixing weight
-    temperature: float = 1.0
-    conversion: str = _choice("cover", ("cover", "within_token", "exact"))
-    exact_chunk_tokens: int = 16384  # conversion "exact": query positions per tree forward (memory bound)
+    """The loss."""
+    method: str = _choice("bld", ("ce", "token_kd", "uld", "bld"),
+                          "ce: student alone; token_kd: token KL (same tokenizer); uld: sorted-probability L1; "
+                          "bld: byte-level distillation")
+    lambda_b: float = _opt(1.0, "bld: weight of the byte head's cross-entropy")
+    lambda_kl: float = _opt(0.1, "weight of the teacher term (divergence, KL or L1) added to the token CE")
+    divergence: str = _choice("forward_kl", ("forward_kl", "reverse_kl", "jsd", "tvd"),
+                              "bld: divergence D(q || p_head) between teacher and byte-head distributions")
+    beta: float = _opt(0.5, "divergence jsd: mixing weight")
+    temperature: float = _opt(1.0, "temperature of teacher and student distributions in the divergence")
+    conversion: str = _choice("cover", ("cover", "within_token", "exact"),
+                              "bld: how teacher token probabilities become next-byte distributions")
+    exact_chunk_tokens: int = _opt(16384, "conversion exact: query positions per tree forward (memory bound)")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps
-    micro_batch_size: int = 1  # sequences per rank per forward
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables
-    precision: str = _choice("auto", ("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
-    log_interval: int = 10
-    eval_interval: int = 200  # 0 disables
+    """Optimisation."""
+    max_steps: int = _opt(1000, "optimizer steps")
+    micro_batch_size: int = _opt(1, "sequences per rank per forward")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(3e-4, "peak learning rate")
+    warmup_steps: int = _opt(100, "linear warm-up steps")
+    min_lr_ratio: float = _opt(0.1, "cosine floor as a fraction of lr")
+    weight_decay: float = _opt(0.1, "AdamW weight decay")
+    grad_clip: float = _opt(1.0, "gradient norm clip; 0 disables")
+    precision: str = _choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 on GPU, fp32 on CPU")
+    log_interval: int = _opt(10, "steps between train records in metrics.jsonl")
+    eval_interval: int = _opt(200, "steps between held-out evaluations; 0 disables")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 500  # 0 disables
-    keep: int = 2
-    dir: Optional[str] = _path(None, role="output", must_exist=False)  # None: <output_dir>/checkpoints
+    """Resumable checkpoints."""
+    interval: int = _opt(500, "steps between checkpoints; 0 disables")
+    keep: int = _opt(2, "checkpoints kept (older ones deleted)")
+    dir: Optional[str] = _path(None, role="output", must_exist=False,
+                               help="checkpoint folder; null: <output_dir>/checkpoints")
 
 
 @dataclass
 class DeepSpeedConfig:
-    config: str = "zero3"  # a name in DS_CONFIG_NAMES or a path to a JSON file
+    """DeepSpeed settings."""
+    config: str = _opt("zero3", f"one of {', '.join(DS_CONFIG_NAMES)} (ds_configs/) or a path to a JSON file")
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    """Metrics beyond metrics.jsonl (always written)."""
+    tensorboard: bool = _opt(True, "TensorBoard events in <output_dir>/tensorboard (needs the tensorboard package)")
+    wandb_project: Optional[str] = _opt(None, "Weights & Biases project; null: no wandb")
 
 
 @dataclass
 class Recipe:
-    output_dir: str = _path("runs/default", role="output", must_exist=False)
-    seed: int = 0
+    """A whole distillation run."""
+    output_dir: str = _path("runs/default", role="output", must_exist=False,
+                            help="where metrics, checkpoints and the final student go")
+    seed: int = _opt(0, "seed of the student's initialisation and the data order")
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +202,74 @@ class Recipe:
             raise RecipeError("data.train: required (files, globs or builtin:train)")
         return self
 
+    def validate_attention(self) -> "Recipe":
+        """Refuse a forced FlashAttention-2 this machine cannot run, before transformers fails on it."""
+        if self.student.attn_implementation == "flash_attention_2":
+            problem = flash_attention_problem()
+            if problem is not None:
+                raise RecipeError(
+                    f"student.attn_implementation: flash_attention_2 needs the flash-attn package and a "
+                    f"CUDA device, but {problem}; set student.attn_implementation=auto (FlashAttention-2 "
+                    f"where available, else PyTorch SDPA) or install flash-attn on a GPU machine "
+                    f"(pip install flash-attn --no-build-isolation)")
+        return self
+
+
+def flash_attention_problem() -> str | None:
+    """Why FlashAttention-2 cannot run here (None: it can): flash_attn must import and CUDA be present.
+
+    Lives here, not in bld_scale.model, so that recipe validation (the lowest layer) can ask too.
+    An import, not just a package lookup: a flash_attn built for another torch is installed but
+    fails to import, and must count as absent.
+    """
+    try:
+        import flash_attn
+    except ImportError as err:  # includes a wheel built for another torch (undefined symbol)
+        if isinstance(err, ModuleNotFoundError) and err.name == "flash_attn":
+            return "the flash_attn package is not installed"
+        return f"flash_attn fails to import ({err})"
+    version = str(getattr(flash_attn, "__version__", "0"))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 2:
+        return f"flash_attn {version} is installed (FlashAttention-2 needs version 2)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Help text
+
+
+def recipe_keys_help() -> str:
+    """Every recipe key with its type, default and meaning (the fields' `help`), for `--help`."""
+    lines = ["recipe keys (in the --config YAML, or as dotted key=value overrides):"]
+    _describe(Recipe, "", lines)
+    return "\n".join(lines)
+
+
+def _describe(cls, prefix: str, lines: list[str]) -> None:
+    hints = _hints(cls)
+    leaves = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
+    sections = [f for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    for f in leaves:
+        key = prefix + f.name
+        kind = ("one of " + ", ".join(f.metadata["choices"]) if f.metadata.get("choices")
+                else _type_name(hints[f.name]))
+        lines.append(f"  {key} ({kind}; default {format_default(f)})")
+        lines.append(f"      {f.metadata.get('help', '')}")  # tests/unit/test_distill_cli.py wants one
+    for f in sections:
+        section = hints[f.name]
+        lines.append(f"{prefix}{f.name}: {(section.__doc__ or '').strip()}")
+        _describe(section, prefix + f.name + ".", lines)
+
+
+def format_default(f: dataclasses.Field) -> str:
+    """A field's default as it would be written in a recipe (`null`, `true`, `[]`, `3.0e-4`...)."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -184,6 +279,9 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 *, check_paths: bool = True) -> Recipe:
     """Recipe from a YAML file (or the defaults) plus dotted `key=value` overrides.
 
+    `check_paths`: also check what this machine must provide (input files exist; flash-attn and CUDA
+    when `student.attn_implementation` is `flash_attention_2`); off for recipes meant for another
+    machine (memory estimates on a login node).
     Override values are parsed as YAML scalars (`train.lr=1e-4`, `data.streaming=true`,
     `data.train=[a.txt, b.txt]`), except for plain string fields, which take the text verbatim.
     Raises RecipeError (a ValueError) on any problem, before heavy work.
@@ -205,6 +303,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
     _check_values(recipe)
     if check_paths:
         recipe.validate_paths()
+        recipe.validate_attention()
     return recipe
 
 
@@ -237,14 +336,19 @@ def apply_override(recipe: Recipe, item: str) -> None:
             raise RecipeError(f"override {key!r}: cannot parse value {text!r}: {e}") from None
     value = _convert(value, tp, key, f)
     if f.metadata.get("path") or (isinstance(obj, DeepSpeedConfig) and value not in DS_CONFIG_NAMES):
-        value = _resolve(value, f.metadata or {"path": "input"}, Path.cwd())
+        value = _resolve(value, f.metadata if f.metadata.get("path") else {"path": "input"}, Path.cwd())
     setattr(obj, f.name, value)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every key, paths as resolved) as YAML text."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
 def save_resolved(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the fully resolved recipe (absolute paths, every default) as YAML."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    Path(path).write_text(recipe_yaml(recipe))
 
 
 def recipe_from_dict(raw: dict) -> Recipe:

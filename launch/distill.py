@@ -30,21 +30,38 @@ def main(argv=None) -> int:
     from bld_scale.checkpoint.manager import install_stop_handlers
 
     install_stop_handlers()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from bld_scale.config import recipe_keys_help, recipe_yaml  # light: no transformers, no models
+
+    parser = argparse.ArgumentParser(description=__doc__, epilog=recipe_keys_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="recipe YAML (default: the embedded demo)")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the run in output_dir (checkpoints, metrics, outputs) and start over")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe (YAML, after --config and overrides) and exit "
+                             "without loading models; problems this machine would have (missing "
+                             "files, flash-attn) are noted on stderr")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.max_steps=4")
+    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. train.max_steps=4 "
+                                                     "(every key is listed below)")
     args = parser.parse_args(argv)
 
     from bld_scale.config import RecipeError, load_recipe
 
     try:
-        recipe = load_recipe(args.config or DEMO_RECIPE, args.overrides)
+        recipe = load_recipe(args.config or DEMO_RECIPE, args.overrides, check_paths=not args.print_recipe)
     except RecipeError as err:
         print(f"bld_scale: bad recipe: {err}", file=sys.stderr)
         return 2
+    if args.print_recipe:
+        if int(os.environ.get("RANK", "0")) == 0:  # once, also under a launcher
+            print(recipe_yaml(recipe), end="", flush=True)
+            try:
+                recipe.validate_paths()
+                recipe.validate_attention()
+            except RecipeError as err:
+                print(f"bld_scale: note: this recipe would not run on this machine: {err}", file=sys.stderr)
+        return 0
     from bld_scale.checkpoint.manager import ResumeError
     from bld_scale.train.pipeline import run
 

@@ -8,27 +8,28 @@ it), but we take it from the base model's own output through a forward hook so t
 logits still come from the model's own head (logit soft-capping etc. included) and (b) the model
 does not have to return every layer's hidden states.
 
-Attention implementation: ``pick_attn_implementation("auto")`` is FlashAttention-2 when the
-``flash_attn`` package and CUDA are both present, else PyTorch SDPA; "sdpa", "eager" and
-"flash_attention_2" can be forced (forcing flash without it is an error, not a silent fallback).
+Attention implementation: ``pick_attn_implementation("auto")`` is FlashAttention-2 when
+``flash_attn`` (version 2) imports and CUDA is present, else PyTorch SDPA; "sdpa", "eager" and
+"flash_attention_2" can be forced (forcing flash without it is an error, not a silent fallback;
+recipe validation refuses it earlier, see ``bld_scale.config.flash_attention_problem``).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from bld_scale.config import flash_attention_problem
 from bld_scale.model.heads import ByteHead, build_byte_head, load_byte_head, save_byte_head
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def flash_attention_available() -> bool:
-    """True when FlashAttention-2 can run: the flash_attn package and a CUDA device."""
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    """True when FlashAttention-2 can run: flash_attn (version 2) imports and a CUDA device is present."""
+    return flash_attention_problem() is None
 
 
 def pick_attn_implementation(requested: str = "auto") -> str:
@@ -38,9 +39,9 @@ def pick_attn_implementation(requested: str = "auto") -> str:
     if requested not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"unknown attn_implementation {requested!r}; "
                          f"choose 'auto' or one of {ATTN_IMPLEMENTATIONS}")
-    if requested == "flash_attention_2" and not flash_attention_available():
-        raise RuntimeError("attn_implementation='flash_attention_2' was forced but needs the "
-                           "flash_attn package and a CUDA device; use 'auto' or 'sdpa'")
+    if requested == "flash_attention_2" and (problem := flash_attention_problem()) is not None:
+        raise RuntimeError(f"attn_implementation='flash_attention_2' was forced but needs the "
+                           f"flash_attn package and a CUDA device, but {problem}; use 'auto' or 'sdpa'")
     return requested
 
 

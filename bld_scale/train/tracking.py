@@ -1,7 +1,8 @@
 """Metrics out of a run: `metrics.jsonl` always, TensorBoard when installed, wandb when configured.
 
-Only rank 0 writes. One JSON object a line; every record has `step` and `kind` ("train",
-"eval", "teacher_eval", "summary").
+Only rank 0 writes, and only rank 0 says when TensorBoard was asked for but cannot be imported.
+One JSON object a line; every record has `step` and `kind` ("train", "eval", "teacher_eval",
+"summary").
 """
 from __future__ import annotations
 
@@ -38,8 +39,11 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge_step)
-            except ImportError:  # TensorBoard is optional
+            except ImportError as err:  # optional, but asked for: say so once, do not stop the run
                 self._tb = None
+                print(f"[bld_scale] TensorBoard off: logging.tensorboard is true but TensorBoard cannot "
+                      f"be imported ({err}); pip install tensorboard, or set logging.tensorboard=false",
+                      flush=True)
         if wandb_project:
             import wandb  # configured explicitly: a missing package is an error worth seeing
 

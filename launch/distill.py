@@ -27,7 +27,7 @@ DEMO_RECIPE = ROOT / "launch" / "recipes" / "demo.yaml"
 
 def main(argv=None) -> int:
     # First, before the heavy imports: a preemption signal during start-up must not kill the rank.
-    from bld_scale.checkpoint.manager import install_stop_handlers
+    from bld_scale.checkpoint.preemption import install_stop_handlers
 
     install_stop_handlers()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except RecipeError as err:
         print(f"bld_scale: bad recipe: {err}", file=sys.stderr)
         return 2
-    from bld_scale.checkpoint.manager import ResumeError
+    from bld_scale.checkpoint import ResumeError
     from bld_scale.train.pipeline import run
 
     try:

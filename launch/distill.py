@@ -27,7 +27,7 @@ DEMO_RECIPE = ROOT / "launch" / "recipes" / "demo.yaml"
 
 def main(argv=None) -> int:
     # First, before the heavy imports: a preemption signal during start-up must not kill the rank.
-    from bld_scale.checkpoint.manager import install_stop_handlers
+    from bld_scale.checkpoint.preemption import install_stop_handlers
 
     install_stop_handlers()
     from bld_scale.config import recipe_keys_help, recipe_yaml  # light: no transformers, no models
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             except RecipeError as err:
                 print(f"bld_scale: note: this recipe would not run on this machine: {err}", file=sys.stderr)
         return 0
-    from bld_scale.checkpoint.manager import ResumeError
+    from bld_scale.checkpoint import ResumeError
     from bld_scale.train.pipeline import run
 
     try:

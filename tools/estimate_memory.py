@@ -37,9 +37,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+DEMO_RECIPE = Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml"
 GB = 1e9
 PRESETS = {
     "llama-3.1-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
@@ -80,9 +78,9 @@ def teacher_config(recipe, override: str | None) -> dict:
 
 
 def student_config(recipe, vocab: int | None) -> dict:
-    from bld_scale.train.pipeline import _student_config_dict
+    from bld_scale.train.setup import student_config_dict
 
-    cfg = _student_config_dict(recipe)
+    cfg = student_config_dict(recipe)
     if vocab is None:
         try:
             from transformers import AutoTokenizer
@@ -186,7 +184,7 @@ def render(e: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "launch" / "recipes" / "demo.yaml"), help="recipe YAML")
+    ap.add_argument("--config", default=str(DEMO_RECIPE), help="recipe YAML")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--teacher-config", default=None, help=f"{' or '.join(PRESETS)} or a config.json")

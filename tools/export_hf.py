@@ -6,8 +6,10 @@ CHECKPOINT is a step folder (`<output_dir>/checkpoints/step-N`), a checkpoint ro
 output_dir (its current checkpoint). OUT receives `config.json`, `model.safetensors` (sharded when
 large), `generation_config.json`, the student tokenizer's files, and `byte_head.safetensors` +
 `byte_head.json` beside them (left out with --no-byte-head). `AutoModelForCausalLM.from_pretrained
-(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load it offline; `bld_scale.student.load_student
-(OUT)` loads model and head together.
+(OUT)` and `AutoTokenizer.from_pretrained(OUT)` load it offline; `bld_scale.model.student.load_student
+(OUT)` loads model and head together. The tokenizer's default encoding puts the BOS the student
+was trained with in front of a text (`bld_scale.model.export.save_tokenizer`), so `tok(text)`
+feeds `generate` what training fed the model.
 
 The ZeRO-3 shards (any world size) are consolidated in this one process with DeepSpeed's
 zero_to_fp32 (`get_fp32_state_dict_from_zero_checkpoint`): the fp32 master weights, on CPU, no
@@ -21,66 +23,41 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def consolidated_state_dict(step_dir: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from bld_scale.checkpoint.manager import DS_TAG
+    from bld_scale.checkpoint import DS_TAG
 
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG)
 
 
 def build_from_checkpoint(step_dir: Path):
     """The student (HF LM + byte head) with the checkpoint's fp32 weights, and its tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from bld_scale.checkpoint import STUDENT_FILES
+    from bld_scale.model.export import load_full_state, student_from_files
 
-    from bld_scale.checkpoint.manager import STUDENT_FILES
-    from bld_scale.model.heads import HEAD_CONFIG_FILE, build_byte_head
-    from bld_scale.model.student import Student
-
-    files = step_dir / STUDENT_FILES
-    config = AutoConfig.from_pretrained(files)
-    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    head_cfg = json.loads((files / HEAD_CONFIG_FILE).read_text())
-    head = build_byte_head(head_cfg["kind"], head_cfg["hidden_size"], head_cfg["K"], **head_cfg.get("size", {}))
-    student = Student(lm, head)
-    state = consolidated_state_dict(step_dir)
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = {k for k in missing if config.get_text_config().tie_word_embeddings and k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{step_dir}: checkpoint does not fit the saved student config: missing "
-                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-    if tied:
-        lm.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(files)
+    student, tokenizer = student_from_files(step_dir / STUDENT_FILES)
+    load_full_state(student, consolidated_state_dict(step_dir), where=str(step_dir))
     return student, tokenizer
 
 
 def export(checkpoint: str | Path, out: str | Path, byte_head: bool = True, dtype: str = "fp32") -> Path:
     import torch
 
-    from bld_scale.checkpoint.manager import read_meta, resolve_checkpoint
-    from bld_scale.model.heads import save_byte_head
+    from bld_scale.checkpoint import read_meta, resolve_checkpoint
+    from bld_scale.model.export import save_hf_folder
 
     step_dir = resolve_checkpoint(checkpoint)
+    meta = read_meta(step_dir)  # first: a checkpoint of an unknown format is refused before any work
     student, tokenizer = build_from_checkpoint(step_dir)
     student.to(getattr(torch, DTYPES[dtype]))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    student.lm.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    if byte_head:
-        save_byte_head(student.byte_head, out)
-    meta = read_meta(step_dir)
+    out = save_hf_folder(student, tokenizer, out, byte_head=byte_head)
     (out / "bld_export.json").write_text(json.dumps(
         {"checkpoint": str(step_dir), "step": meta["step"], "byte_head": byte_head, "dtype": dtype,
-         "teacher": meta.get("identity", {}).get("teacher")}, indent=2))
+         "teacher": meta["run"].get("identity", {}).get("teacher")}, indent=2))
     return out
 
 

@@ -12,29 +12,29 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
 
 
 def summary(step_dir: Path) -> dict:
-    from bld_scale.checkpoint.manager import DS_TAG, folder_bytes, read_meta
+    from bld_scale.checkpoint import DS_TAG, folder_bytes, read_meta
 
-    meta = read_meta(step_dir)
+    meta = read_meta(step_dir)  # older formats converted: the same keys for every checkpoint
+    run, state = meta["run"], meta["train_state"]
+    recipe = run.get("recipe") or {}
     ds = step_dir / DS_TAG
     optim = sum(f.stat().st_size for f in ds.glob("*optim_states.pt"))
     model = sum(f.stat().st_size for f in ds.glob("*model_states.pt"))
     ranks = len(list(ds.glob("*optim_states.pt")))
-    return {"checkpoint": str(step_dir), "step": meta["step"], "max_steps": meta.get("max_steps"),
+    identity = run.get("identity") or {}
+    return {"checkpoint": str(step_dir), "step": meta["step"],
+            "max_steps": recipe.get("train", {}).get("max_steps"),
             "time": meta.get("time"), "world_size": meta["world_size"], "shard_files": ranks,
-            "data": meta.get("data"), "student_parameters": meta.get("student_parameters"),
+            "data": state.get("data"), "student_parameters": run.get("student_parameters"),
             "bytes": {"total": folder_bytes(step_dir), "optimizer_shards": optim, "model_states": model},
-            "teacher": meta.get("identity", {}).get("teacher"),
-            "student_tokenizer": meta.get("identity", {}).get("student_tokenizer"),
-            "recipe": meta.get("recipe")}
+            "teacher": identity.get("teacher"), "student_tokenizer": identity.get("student_tokenizer"),
+            "recipe": run.get("recipe")}
 
 
 def render(s: dict, with_recipe: bool) -> str:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", action="store_true", help="also print the resolved recipe it was saved with")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = ap.parse_args(argv)
-    from bld_scale.checkpoint.manager import resolve_checkpoint
+    from bld_scale.checkpoint import resolve_checkpoint
 
     s = summary(resolve_checkpoint(args.checkpoint))
     print(json.dumps(s, indent=2) if args.json else render(s, args.recipe))

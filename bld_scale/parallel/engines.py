@@ -16,7 +16,6 @@ import json
 import math
 import os
 import socket
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -131,20 +130,6 @@ def _refuse_auto(cfg: dict, what: str, path: str = "") -> None:
         elif v == "auto":
             raise ValueError(f"{what} DeepSpeed config: {path}{k} is still 'auto'; set it in the JSON "
                              "or extend build_ds_config to fill it")
-
-
-def zero3_init_context(ds_config: dict):
-    """Context to construct a model already sharded (needed when it does not fit on one device).
-
-    Build big models inside it; for small ones plain construction + initialize() is the same.
-    For HF `from_pretrained` under ZeRO-3, keep a `transformers.integrations.HfDeepSpeedConfig`
-    alive instead (transformers then loads shard by shard).
-    """
-    import deepspeed
-
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
-        return deepspeed.zero.Init(config_dict_or_path=ds_config)
-    return nullcontext()
 
 
 def build_teacher_engine(model: torch.nn.Module, ds_config: dict):

@@ -1,6 +1,6 @@
 """Checkpointing with real processes (torchrun, 2 ranks on CPU, gloo), no mocks.
 
-Four launches are shared by every test here (module-scoped; ~4-5 min on 2 shared cores):
+Five launches are shared by every test here (module-scoped; ~5-6 min on 2 shared cores):
 - `straight`: 2 ranks straight to step 8, saving every 3 steps (3, 6 and the end, 8; keep 2). It
   starts with --fresh in a folder seeded with a fake earlier run, which must be discarded.
 - `preempted`: the same run; when step 3's record appears the test sends SIGUSR1 to rank 0 and
@@ -9,6 +9,8 @@ Four launches are shared by every test here (module-scoped; ~4-5 min on 2 shared
 - `one_rank`: a copy of `straight` pointed back at step-6 resumes on 1 rank (bare python,
   grad_accum 2: the same global batch) through DeepSpeed's universal checkpoint, recording the
   engine's logits on a fixed batch right after loading (tests/scripts/resume_probe.py).
+- `old_format`: a copy of `straight` pointed back at step-6 whose meta.json is rewritten in the
+  layout bld_scale wrote before format 2 resumes on 2 ranks to step 8.
 - tools/export_hf.py on `straight`'s step-6 (2-rank shards) must give those logits.
 
 Tolerances: same world size, resumed vs straight: rel 1e-6 (seen: bit-identical). 2 ranks -> 1
@@ -30,8 +32,10 @@ from pathlib import Path
 import pytest
 
 from launching import DISTILL, REPO, free_port, rank_env, records, torchrun
+from old_checkpoints import as_format_1
 PROBE = REPO / "tests" / "scripts" / "resume_probe.py"
 TEACHER = REPO / "bld_scale" / "assets" / "demo" / "teacher"
+STUDENT_TOKENIZER = REPO / "bld_scale" / "assets" / "demo" / "student_tokenizer"
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.max_steps=8", "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=0",
@@ -120,6 +124,17 @@ def one_rank(straight, tmp_path_factory):
     return out, probe, _ok(proc)
 
 
+@pytest.fixture(scope="module")
+def old_format(straight, tmp_path_factory):
+    src, _, _ = straight
+    out = tmp_path_factory.mktemp("old_format")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    (out / "checkpoints" / "latest").write_text("step-6\n")
+    meta = out / "checkpoints" / "step-6" / "meta.json"
+    meta.write_text(json.dumps(as_format_1(json.loads(meta.read_text())), indent=2))
+    return out, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
+
+
 # ------------------------------------------------------------------------------------- saving
 def test_fresh_discards_the_earlier_run_and_saves_every_interval(straight):
     out, log, seconds = straight
@@ -130,10 +145,11 @@ def test_fresh_discards_the_earlier_run_and_saves_every_interval(straight):
     assert not list((out / "checkpoints").glob("tmp-*"))
     step8 = out / "checkpoints" / "step-8"
     meta = json.loads((step8 / "meta.json").read_text())
-    assert meta["step"] == 8 and meta["world_size"] == 2 and meta["data"]["position"] == 8 * 4
-    assert meta["identity"]["teacher"]["path"] == str(TEACHER)
-    assert len(meta["identity"]["teacher"]["fingerprint"]) == 16
-    assert meta["recipe"]["train"]["max_steps"] == 8
+    assert meta["format"] == 2 and meta["step"] == 8 and meta["world_size"] == 2
+    assert meta["train_state"]["data"]["position"] == 8 * 4 and meta["train_state"]["step"] == 8
+    assert meta["run"]["identity"]["teacher"]["path"] == str(TEACHER)
+    assert len(meta["run"]["identity"]["teacher"]["fingerprint"]) == 16
+    assert meta["run"]["recipe"]["train"]["max_steps"] == 8
     assert sorted(p.name for p in (step8 / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     assert len(list((step8 / "ds").glob("*optim_states.pt"))) == 2  # one ZeRO-3 shard per rank
     assert (step8 / "student" / "config.json").is_file() and (step8 / "student" / "byte_head.json").is_file()
@@ -193,6 +209,17 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight, one_rank):
     assert meta["world_size"] == 1
 
 
+# ------------------------------------------------------------------------------------- an older checkpoint format
+def test_a_checkpoint_in_the_previous_format_resumes_exactly(straight, old_format):
+    """Format 1 (meta.json flat) resumed at step 6 on 2 ranks == straight to 8, rel 1e-6."""
+    ref, _, _ = straight
+    out, log = old_format
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6 (same world size" in log
+    _same(records(out), records(ref), rel=1e-6)
+    assert [r["step"] for r in records(out)] == list(range(1, 9))
+    assert json.loads((out / "checkpoints" / "step-8" / "meta.json").read_text())["format"] == 2
+
+
 # ------------------------------------------------------------------------------------- refusals
 def _refused(out: Path, *overrides: str) -> str:
     proc = _run([sys.executable, str(DISTILL), f"output_dir={out}", *COMMON, *overrides], timeout=300)
@@ -216,7 +243,7 @@ def test_resuming_with_another_student_and_teacher_is_refused(straight, tmp_path
 
 
 def test_a_moved_but_identical_teacher_is_not_a_different_teacher(tmp_path):
-    from bld_scale.checkpoint.manager import fingerprint
+    from bld_scale.checkpoint import fingerprint
 
     shutil.copytree(TEACHER, tmp_path / "t")
     assert fingerprint(tmp_path / "t") == fingerprint(TEACHER)
@@ -253,6 +280,10 @@ ref = torch.load({str(probe)!r})
 lm = AutoModelForCausalLM.from_pretrained({str(full)!r}, attn_implementation="sdpa")
 tok = AutoTokenizer.from_pretrained({str(full)!r})
 assert len(tok) == lm.config.vocab_size, (len(tok), lm.config.vocab_size)
+src = AutoTokenizer.from_pretrained({str(STUDENT_TOKENIZER)!r})  # what training encoded with
+text = "To be, or not to be"
+# the default encoding is the training one: the student's BOS, then the text's tokens
+assert tok(text).input_ids == [src.bos_token_id] + src(text, add_special_tokens=False).input_ids, tok(text)
 student = Student(lm, load_byte_head({str(full)!r})).eval()
 with torch.no_grad():
     t, b = student(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], prev_bytes=ref["prev_bytes"])

@@ -20,6 +20,7 @@ import pytest
 
 from launching import DISTILL, REPO, free_port, rank_env, records
 pytestmark = pytest.mark.slow
+STUDENT_TOKENIZER = REPO / "bld_scale" / "assets" / "demo" / "student_tokenizer"
 
 
 def _run(cmd, timeout=900):
@@ -30,7 +31,7 @@ def _run(cmd, timeout=900):
 # Exact targets here (the checkpoint tests run the default `cover`): the tree-masked teacher
 # forwards must keep ZeRO-3 ranks in step (the cap below makes their counts differ by rank, so
 # the ranks must agree on a count and pad), and 2 ranks must still match 1.
-FAST = ["train.log_interval=1", "train.eval_interval=0", "train.warmup_steps=2", "distill.conversion=exact",
+FAST = ["train.log_interval=1", "train.eval_interval=2", "train.warmup_steps=2", "distill.conversion=exact",
         "distill.exact_chunk_tokens=256"]  # several tree forwards per text, a count that differs by rank
 
 
@@ -60,6 +61,20 @@ def test_deepspeed_two_ranks_leave_finite_losses_with_a_kl_term(deepspeed_two_ra
     assert (out / "recipe.resolved.yaml").is_file()
     assert (out / "final" / "byte_head.safetensors").is_file()
     assert "student after 4 steps" in proc.stdout  # the closing table
+    evals = {r["step"]: r["student_bpb"] for r in records(out, "eval")}
+    assert sorted(evals) == [0, 2, 4]  # before, train.eval_interval=2, after
+    assert f"[bld_scale] step 2: held-out student BPB {evals[2]:.4f}" in proc.stdout
+
+
+def test_the_final_tokenizer_encodes_as_training_did(deepspeed_two_ranks):
+    from transformers import AutoTokenizer
+
+    out, _ = deepspeed_two_ranks
+    src = AutoTokenizer.from_pretrained(STUDENT_TOKENIZER)  # the recipe's student.tokenizer
+    final = AutoTokenizer.from_pretrained(out / "final")
+    text = "To be, or not to be"
+    # training feeds [BOS] + the text's tokens (data.batch.resolve_bos: the tokenizer's BOS)
+    assert final(text).input_ids == [src.bos_token_id] + src(text, add_special_tokens=False).input_ids
 
 
 def test_two_ranks_match_one_rank(deepspeed_two_ranks, tmp_path):

@@ -1,5 +1,5 @@
 """Resume a run with the real Pipeline, record the student engine's logits on a fixed batch right
-after loading, then train on to the end. Used by tests/test_checkpoint.py for two things at once:
+after loading, then train on to the end. Used by tests/integration/test_checkpoint.py for two things at once:
 a 2-rank checkpoint resumed on 1 rank (DeepSpeed universal checkpoint), and the reference logits
 that tools/export_hf.py's output must reproduce.
 
@@ -25,7 +25,7 @@ def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
     recipe = load_recipe(ROOT / "launch" / "recipes" / "demo.yaml", overrides)
     pipe = Pipeline(recipe)
-    assert pipe.start_step > 0, "the probe is meant to resume a run"
+    assert pipe.state.step > 0, "the probe is meant to resume a run"
     windows = split_windows(PROBE_TEXT, recipe.data.window_bytes)[:2]
     batch = pipe._batch(windows)
     pipe.student.eval()
@@ -35,7 +35,7 @@ def main() -> None:
                                                  prev_bytes=batch.byte_targets)
     pipe.student.train()
     if pipe.rank == 0:
-        torch.save({"step": pipe.start_step, "input_ids": batch.student_input_ids,
+        torch.save({"step": pipe.state.step, "input_ids": batch.student_input_ids,
                     "attention_mask": batch.student_attention_mask, "prev_bytes": batch.byte_targets,
                     "token_logits": token_logits, "byte_logits": byte_logits}, out)
     pipe.train()

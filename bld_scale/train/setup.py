@@ -1,0 +1,100 @@
+"""Building a run's parts from its recipe: tokenizers, teacher engine, student model, seeds.
+
+Each function does one thing so that the pipeline, tests and tools (tools/measure_students.py,
+tools/estimate_memory.py) build them alike.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bld_scale.config import Recipe
+from bld_scale.data.batch import resolve_bos
+from bld_scale.model.student import build_student
+from bld_scale.tokenize.token_bytes import TokenBytes
+from bld_scale.train.step import check_same_tokenizer
+
+
+@dataclass
+class Sides:
+    """The teacher's and the student's tokenizers, as loaded and as byte tables, with their BOS ids."""
+    teacher_tok: object
+    student_tok: object
+    teacher_vocab: TokenBytes
+    student_vocab: TokenBytes
+    teacher_bos: int
+    student_bos: int
+    teacher_eos: int | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_tokenizers(recipe: Recipe, teacher_vocab_size: int, log=print) -> Sides:
+    from transformers import AutoTokenizer
+
+    t_tok = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.path)
+    s_tok = AutoTokenizer.from_pretrained(recipe.student.tokenizer)
+    if teacher_vocab_size < len(t_tok):
+        raise ValueError(f"teacher tokenizer {recipe.teacher.tokenizer or recipe.teacher.path} has "
+                         f"{len(t_tok)} ids but the teacher model embeds only {teacher_vocab_size}: "
+                         "wrong tokenizer for this model (teacher.tokenizer)")
+    t_vocab = TokenBytes.from_tokenizer(t_tok, vocab_size=teacher_vocab_size, name=f"teacher tokenizer ({recipe.teacher.path})")
+    s_vocab = TokenBytes.from_tokenizer(s_tok, name=f"student tokenizer ({recipe.student.tokenizer})")
+    t_bos, t_src = resolve_bos(t_tok, recipe.teacher.bos_token)
+    s_bos, s_src = resolve_bos(s_tok)
+    log(f"teacher BOS id {t_bos} ({t_src}); student BOS id {s_bos} ({s_src})")
+    if recipe.distill.method == "token_kd":
+        check_same_tokenizer(t_vocab, s_vocab)
+    return Sides(t_tok, s_tok, t_vocab, s_vocab, t_bos, s_bos, getattr(t_tok, "eos_token_id", None))
+
+
+def _torch_dtype(name: str):
+    from bld_scale.parallel.engines import resolve_precision
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(name)]
+
+
+def setup_teacher(recipe: Recipe, ds_config: dict):
+    """The frozen teacher as a ZeRO-3 inference engine; HF loads it shard by shard under ZeRO-3."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from bld_scale.parallel.engines import build_teacher_engine
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build under zero.Init
+    model = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=_torch_dtype(recipe.teacher.dtype))
+    engine = build_teacher_engine(model, ds_config)
+    del keep_alive
+    return engine
+
+
+def student_config_dict(recipe: Recipe) -> dict:
+    """student.config as a dict (the recipe gives it inline or as a JSON file), vocab_size not filled."""
+    config = recipe.student.config
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text())
+    return dict(config)
+
+
+def setup_student(recipe: Recipe, vocab_size: int):
+    s = recipe.student
+    config = student_config_dict(recipe)
+    if config.get("vocab_size") not in (None, vocab_size):
+        raise ValueError(f"student.config has vocab_size={config['vocab_size']} but the student "
+                         f"tokenizer has {vocab_size} ids: remove vocab_size from the config (it is "
+                         "filled from the tokenizer) or use the matching tokenizer")
+    config["vocab_size"] = vocab_size
+    head_size = {}
+    if s.head == "causal":
+        head_size = {"width": s.head_hidden_size or config.get("hidden_size"), "layers": s.head_num_layers}
+    return build_student(config, head_kind=s.head, K=s.K, attn_implementation=s.attn_implementation,
+                         head_size=head_size)

@@ -96,5 +96,16 @@ def setup_student(recipe: Recipe, vocab_size: int):
     head_size = {}
     if s.head == "causal":
         head_size = {"width": s.head_hidden_size or config.get("hidden_size"), "layers": s.head_num_layers}
-    return build_student(config, head_kind=s.head, K=s.K, attn_implementation=s.attn_implementation,
+    return build_student(config, head_kind=s.head, K=s.K, attn_implementation=student_attention(recipe),
                          head_size=head_size)
+
+
+def student_attention(recipe: Recipe) -> str:
+    """The recipe's attention choice; `auto` never picks FlashAttention-2 for an fp32 run (its
+    kernels take fp16/bf16 only), SDPA runs every precision."""
+    from bld_scale.parallel.engines import resolve_precision
+
+    requested = recipe.student.attn_implementation
+    if requested == "auto" and resolve_precision(recipe.train.precision) == "fp32":
+        return "sdpa"
+    return requested

@@ -86,3 +86,16 @@ def test_machine_checks_are_skipped_for_another_machine(machine):
 def test_no_shipped_recipe_needs_flash_attn(machine, recipe):
     machine("absent", False)
     load_recipe(recipe, check_paths=False).validate_attention()
+
+
+def test_auto_attention_of_an_fp32_run_is_sdpa_even_with_flash_attention(monkeypatch):
+    from bld_scale.config import recipe_from_dict
+    from bld_scale.train import setup
+
+    import bld_scale.parallel.engines as engines
+
+    recipe = recipe_from_dict({"train": {"precision": "fp32"}})
+    assert setup.student_attention(recipe) == "sdpa"
+    monkeypatch.setattr(engines, "resolve_precision", lambda name: "bf16")
+    recipe = recipe_from_dict({"train": {"precision": "bf16"}})
+    assert setup.student_attention(recipe) == "auto"  # resolved later by pick_attn_implementation

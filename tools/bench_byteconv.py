@@ -51,16 +51,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from bld_scale.convert import byte_logprobs, byte_logprobs_batch, one_pass
+from bld_scale.convert.byte_rows import token_layout
+from bld_scale.convert.one_pass import one_pass_splits
+from bld_scale.convert.running_sums import chunk_rows
+from bld_scale.data.corpus import load_works
+from bld_scale.tokenize import zoo as tokenizer_zoo
+from bld_scale.tokenize.token_bytes import TokenBytes
 
-from bld_scale.convert import one_pass as byteconv  # noqa: E402
-from bld_scale.tokenize import zoo as tokenizer_zoo  # noqa: E402
-from bld_scale.convert.one_pass import byte_logprobs, byte_logprobs_batch  # noqa: E402
-from bld_scale.data.corpus import load_works  # noqa: E402
-from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+# The conversion's own source files, for the profile.
+CONVERT_FILES = ("dispatch.py", "one_pass.py", "byte_rows.py", "running_sums.py", "vocab_index.py")
 
 TEKKEN_EOS = 2  # "</s>"
 ZIPF_S = 1.0
@@ -262,8 +264,8 @@ def profile_call(lp, windows, vocab, top: int) -> dict:
         where = f"{Path(file).name}:{line}({func})" if file != "~" else func
         rows.append(dict(where=where, calls=ncalls, self_s=tottime, cum_s=cumtime))
     by_self = sorted(rows, key=lambda r: -r["self_s"])[:top]
-    own = sorted((r for r in rows if r["where"].startswith("byteconv.py") or
-                  r["where"].startswith("vocab_index.py")), key=lambda r: -r["cum_s"])[:top]
+    own = sorted((r for r in rows if r["where"].startswith(CONVERT_FILES)),
+                 key=lambda r: -r["cum_s"])[:top]
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as tprof:
@@ -271,11 +273,11 @@ def profile_call(lp, windows, vocab, top: int) -> dict:
     ops = sorted(tprof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     aten = [dict(op=e.key, calls=e.count, self_s=e.self_cpu_time_total / 1e6) for e in ops]
     aten_total = sum(e.self_cpu_time_total for e in tprof.key_averages()) / 1e6
-    # The node-table lookups byteconv does per chunk (`table[child]`, aten::index) next to
+    # The node-table lookups the conversion does per chunk (`table[child]`, aten::index) next to
     # torch.index_select on the same indices (same values), one chunk's worth of edges.
     index = vocab.index
-    data, starts = byteconv._token_layout(windows[0], vocab)
-    _, _, node = byteconv._splits(data, starts, vocab, "cover")
+    data, starts = token_layout(windows[0], vocab)
+    _, _, node = one_pass_splits(data, starts, vocab)
     n_edges = int(index.child_count[node].sum())
     table = index.torch_tables(lp.device)["node_lo"]
     rows = _chunk_rows(lp[0], int(index.perm.size))
@@ -296,7 +298,7 @@ def print_profile(p: dict) -> None:
     print("  Python functions by self time (C calls included):")
     for r in p["by_self"]:
         print(f"    {r['self_s']:7.3f} s {100 * r['self_s'] / p['total_s']:5.1f}%  x{r['calls']:<5} {r['where']}")
-    print("  byteconv / vocab_index functions by cumulative time:")
+    print("  conversion / vocab_index functions by cumulative time:")
     for r in p["byteconv_functions"]:
         print(f"    {r['cum_s']:7.3f} s {100 * r['cum_s'] / p['total_s']:5.1f}%  x{r['calls']:<5} {r['where']}")
     print(f"  aten ops by self CPU time (torch.profiler, total {p['aten_total_s']:.2f} s):")
@@ -310,14 +312,11 @@ def print_profile(p: dict) -> None:
 
 # ---------------------------------------------------------------------- presorted experiment
 def _chunk_rows(lp2: torch.Tensor, sorted_size: int) -> int:
-    fn = getattr(byteconv, "_chunk_rows", None)
-    if fn is not None:
-        return fn(lp2.shape[0], sorted_size, lp2.numel() * lp2.element_size())
-    return max(1, min(lp2.shape[0], (max(int(0.2 * lp2.numel() * 4), 64 << 20)) // ((sorted_size + 1) * 20)))
+    return chunk_rows(lp2.shape[0], sorted_size, lp2.numel() * lp2.element_size())
 
 
 def presorted(lp2: torch.Tensor, vocab: TokenBytes, device, repeats: int) -> dict:
-    """Running sums over all rows: with the gather through the permutation (as byteconv does
+    """Running sums over all rows: with the gather through the permutation (as the conversion does
     today), without any gather (logits already in sorted order), and the gather alone.
 
     (A fused variant -- `lp[:, perm_pad].exp_().double().cumsum_(1)` -- gives identical sums, checked
@@ -330,7 +329,7 @@ def presorted(lp2: torch.Tensor, vocab: TokenBytes, device, repeats: int) -> dic
     sums = torch.zeros((rows, size + 1), dtype=torch.float64, device=device)
     perm_pad = torch.cat([perm[:1], perm])  # column 0 is zeroed after the exp: S(0) = 0
 
-    def current():  # byteconv._RunningSums.load, chunk by chunk
+    def current():  # running_sums.RunningSums.load, chunk by chunk
         for k0 in range(0, lp2.shape[0], rows):
             r = min(rows, lp2.shape[0] - k0)
             torch.index_select(lp2[k0:k0 + r], 1, perm, out=values[:r])
@@ -388,17 +387,16 @@ def bench_length(vocab, length: int, batch: int, device: str, repeats: int, do_b
           f"p(canonical) {st['mean_p_canonical']:.2f}, row entropy {st['entropy_nats']:.1f} nats")
 
     # refinement path taken? (counted outside the timed calls)
-    refine = getattr(byteconv, "_refine_small_masses", None)
-    if refine is not None:
-        taken = []
-        byteconv._refine_small_masses = lambda *a, **k: taken.append(refine(*a, **k)) or taken[-1]
-        try:
-            out = byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS)
-        finally:
-            byteconv._refine_small_masses = refine
-        res["refined"] = bool(any(taken))
-        res["finite_rows"] = float(torch.isfinite(out).any(1).float().mean())
-        del out
+    refine = one_pass.refine_small_masses
+    taken = []
+    one_pass.refine_small_masses = lambda *a, **k: taken.append(refine(*a, **k)) or taken[-1]
+    try:
+        out = byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS)
+    finally:
+        one_pass.refine_small_masses = refine
+    res["refined"] = bool(any(taken))
+    res["finite_rows"] = float(torch.isfinite(out).any(1).float().mean())
+    del out
 
     ops = _ops(lp, windows, vocab)
     times = interleaved({k: ops[k] for k in ("byte_logprobs", "log_softmax")}, repeats, device)

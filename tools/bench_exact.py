@@ -8,8 +8,8 @@ and the divergence between exact, cover and within_token on the demo teacher.
    forward, the conversion), on the demo teacher (`bld_scale/assets/demo/teacher`) or, when it is
    missing, a tiny random Llama over the demo tokenizer. Minimum of `--repeat` runs each.
 2. Brute force: mean Jensen-Shannon divergence (bits per byte) and max abs probability difference
-   of `exact` to the enumeration of `tests/test_byteconv_exact.py` (float64 tiny Llama, short
-   strings, tiny and real vocabularies).
+   of `exact` to the enumeration of `tests/unit/test_byteconv_exact.py` (float64 tiny Llama, short
+   strings, tiny and real vocabularies; needs `PYTHONPATH=tests:tests/unit`).
 3. On the teacher: mean JSD per byte between exact, cover and within_token, and bits per byte of
    each.
 4. `--bigram`: why `exact` does not filter the last token of a cover. The bigram test (a pair of
@@ -23,19 +23,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bld_scale.convert.one_pass import byte_logprobs  # noqa: E402
-from bld_scale.convert.exact import byte_logprobs_exact, teacher_logprobs  # noqa: E402
-from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+from bld_scale.convert import byte_logprobs
+from bld_scale.convert.exact import byte_logprobs_exact, teacher_logprobs
+from bld_scale.tokenize.token_bytes import TokenBytes
 
 
 def jsd_bits(a_log: torch.Tensor, b_log: torch.Tensor) -> float:
@@ -187,10 +182,13 @@ def _text_or_none(b: bytes | None) -> str | None:
 
 
 def bench_brute_force():
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_byteconv_exact import SMALL, brute_force_exact, table_vocab, tiny_llama
+    try:  # the reference lives with the tests, which import their helpers from tests/
+        from test_byteconv_exact import SMALL, brute_force_exact, table_vocab, tiny_llama
+    except ImportError as err:
+        raise SystemExit(f"the brute-force section imports tests/unit/test_byteconv_exact.py ({err}): run "
+                         "with PYTHONPATH=tests:tests/unit (or pass --skip-brute-force)") from None
 
-    from bld_scale.convert.exact import exact_contexts
+    from bld_scale.convert.exact_contexts import exact_contexts
     from bld_scale.data.corpus import load_works
     from bld_scale.tokenize.zoo import train_byte_level_bpe
 

@@ -12,15 +12,11 @@ Offline; prints figures only.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bld_scale.tokenize import zoo as tokenizer_zoo  # noqa: E402
-from bld_scale.data.corpus import load_works  # noqa: E402
-from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+from bld_scale.data.corpus import load_works
+from bld_scale.tokenize import zoo as tokenizer_zoo
+from bld_scale.tokenize.token_bytes import TokenBytes
 
 
 def _own_encode(tok):

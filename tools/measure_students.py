@@ -5,13 +5,13 @@ One command, one process, no DeepSpeed:
     python tools/measure_students.py            # 4 variants x 3 seeds, writes docs/results/students.*
 
 For each seed every variant starts from the same student body (the recipe's student, built with
-`bld_scale.train.setup_student` right after `seed_everything(seed)`; the byte head is built after
+`bld_scale.train.pipeline.setup_student` right after `seed_everything(seed)`; the byte head is built after
 the body, so the head kind does not change the body's init) and sees the same windows at every
 step (a `WindowStream` seeded with the seed): equal steps, equal tokens. The loop is plain torch:
-AdamW (no decay on 1-D weights), linear warmup + cosine (`bld_scale.parallelize.warmup_cosine`),
-gradient clipping, fp32, the step itself is `bld_scale.step.distill_step`.
+AdamW (no decay on 1-D weights), linear warmup + cosine (`bld_scale.parallel.engines.warmup_cosine`),
+gradient clipping, fp32, the step itself is `bld_scale.train.step.distill_step`.
 
-Every `--eval-every` steps the student's token NLL over the text bytes (`student_nll`) of a fixed
+Every `--eval-every` steps the student's token NLL over the text bytes (`bld_scale.evaluate.student_nll_sums`) of a fixed
 set of held-out windows (evenly spread over Hamlet, The Tempest and Twelfth Night, never trained
 on) gives its held-out BPB. The teacher's token-level and byte-level BPB (and their gap) are
 measured once on the same windows, for each conversion in `--teacher-conversions`.
@@ -27,8 +27,8 @@ mean line and min/max band over seeds per variant).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -36,19 +36,17 @@ from pathlib import Path
 
 import torch
 
+from bld_scale.config import load_recipe
+from bld_scale.convert.dispatch import MODES, ONE_PASS_MODES
+from bld_scale.data.batch import PairTokenizer, collate, split_windows
+from bld_scale.data.corpus import load_works
+from bld_scale.data.sources import WindowStream
+from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
+from bld_scale.parallel.engines import param_groups, warmup_cosine
+from bld_scale.train.pipeline import seed_everything, setup_student, setup_tokenizers
+from bld_scale.train.step import distill_step
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bld_scale.convert.one_pass import byte_logprobs  # noqa: E402
-from bld_scale.config import load_recipe  # noqa: E402
-from bld_scale.data.corpus import load_works  # noqa: E402
-from bld_scale.data.batch import PairTokenizer, collate, split_windows  # noqa: E402
-from bld_scale.data.sources import WindowStream  # noqa: E402
-from bld_scale.evaluate import LN2, byte_nll, token_nll  # noqa: E402
-from bld_scale.parallel.engines import _param_groups, warmup_cosine  # noqa: E402
-from bld_scale.train.step import StepSettings, distill_step, student_nll  # noqa: E402
-from bld_scale.train.pipeline import seed_everything, setup_student, setup_tokenizers  # noqa: E402
-
 DEFAULT_RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 VARIANTS = {  # name -> (method, head)
     "ce": ("ce", "causal"),
@@ -56,7 +54,6 @@ VARIANTS = {  # name -> (method, head)
     "bld_linear": ("bld", "linear"),
     "bld_causal": ("bld", "causal"),
 }
-CONVERSIONS = ("cover", "within_token", "exact")
 
 
 def parse_variant(name: str) -> tuple[str, str, str | None]:
@@ -68,8 +65,8 @@ def parse_variant(name: str) -> tuple[str, str, str | None]:
     base, _, conversion = name.partition("@")
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {base!r} in {name!r}; choose from {', '.join(VARIANTS)}")
-    if conversion and conversion not in CONVERSIONS:
-        raise SystemExit(f"unknown conversion {conversion!r} in {name!r}; choose from {', '.join(CONVERSIONS)}")
+    if conversion and conversion not in MODES:
+        raise SystemExit(f"unknown conversion {conversion!r} in {name!r}; choose from {', '.join(MODES)}")
     method, head = VARIANTS[base]
     if conversion and method != "bld":
         raise SystemExit(f"{name!r}: only bld variants read byte targets, so only they take an @conversion")
@@ -148,36 +145,33 @@ def eval_student(student, batches) -> float:
     student.eval()
     nll = n = 0.0
     for batch in batches:
-        a, b = student_nll(student, batch)
+        a, b = student_nll_sums(student, batch)
         nll, n = nll + a, n + b
     student.train()
-    return nll / (n * LN2)
+    return bits_per_byte(nll, n)
 
 
 @torch.no_grad()
-def eval_teacher(teacher, sides, batches, modes) -> dict:
-    tok = 0.0
-    n = 0.0
-    byte = {m: 0.0 for m in modes}
-    seconds = {m: 0.0 for m in modes}
+def eval_teacher(teacher, sides, batches, modes, exact_chunk_tokens) -> dict:
+    """Token-level BPB, and byte-level BPB and gap per conversion; one teacher forward per batch,
+    shared by the conversions (`conversion_seconds`: each conversion's time, its own forwards in)."""
+    measured = list(modes) or ["cover"]  # the token-level BPB comes with any conversion's sums
+    sums = {m: TeacherNllSums() for m in measured}
+    seconds = {m: 0.0 for m in measured}
     for batch in batches:
-        lp = torch.log_softmax(teacher(input_ids=batch.teacher_input_ids,
-                                       attention_mask=batch.teacher_attention_mask).logits.float(), -1)
-        for b, ids in enumerate(batch.teacher_ids):
-            rows = lp[b, : len(ids) + 1]
-            data = b"".join(sides.teacher_vocab.token_bytes(i) for i in ids)
-            tok += token_nll(rows, ids)
-            n += float(batch.n_text_bytes[b])
-            for m in modes:
-                kw = {"teacher": teacher, "bos_id": sides.teacher_bos} if m == "exact" else {}
-                t0 = time.perf_counter()
-                q = byte_logprobs(rows, ids, sides.teacher_vocab, eos_id=sides.teacher_eos, mode=m, **kw)
-                seconds[m] += time.perf_counter() - t0
-                byte[m] += byte_nll(q, data)
-    token_bpb = tok / (n * LN2)
-    out = {"token_bpb": token_bpb, "bytes": int(n), "byte_bpb": {}, "gap": {}, "conversion_seconds": seconds}
+        logits = teacher(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask).logits
+        for m in measured:
+            t0 = time.perf_counter()
+            teacher_nll_sums(lambda ids, mask, logits=logits: logits, batch, sides.teacher_vocab, conversion=m,
+                             teacher_model=teacher, eos_id=sides.teacher_eos,
+                             exact_chunk_tokens=exact_chunk_tokens, into=sums[m])
+            seconds[m] += time.perf_counter() - t0
+    first = sums[measured[0]]
+    token_bpb = bits_per_byte(first.token_nll, first.n_bytes)
+    out = {"token_bpb": token_bpb, "bytes": int(first.n_bytes), "byte_bpb": {}, "gap": {},
+           "conversion_seconds": {m: seconds[m] for m in modes}}
     for m in modes:
-        out["byte_bpb"][m] = byte[m] / (n * LN2)
+        out["byte_bpb"][m] = bits_per_byte(sums[m].byte_nll, sums[m].n_bytes)
         out["gap"][m] = out["byte_bpb"][m] - token_bpb
     return out
 
@@ -206,11 +200,11 @@ def body_checksum(student) -> float:
 class Variant:
     """One (method, head) student of one seed with its optimizer and schedule."""
 
-    def __init__(self, args, recipe, sides, name, seed, settings_kw):
+    def __init__(self, args, recipe, sides, name, seed, distill):
         self.name, self.seed = name, seed
         self.method, self.head, conversion = parse_variant(name)
-        if conversion:
-            settings_kw = {**settings_kw, "conversion": conversion}
+        self.distill = dataclasses.replace(distill, method=self.method, conversion=conversion or distill.conversion)
+        self.teacher_eos = sides.teacher_eos
         recipe.student.head = self.head
         seed_everything(seed)  # the body is built first: the same for every head kind
         self.student = setup_student(recipe, len(sides.student_tok))
@@ -220,10 +214,9 @@ class Variant:
         t = recipe.train
         lr = args.lr if args.lr is not None else t.lr
         warmup = args.warmup if args.warmup is not None else t.warmup_steps
-        self.opt = torch.optim.AdamW(_param_groups(self.student, t.weight_decay), lr=lr, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW(param_groups(self.student, t.weight_decay), lr=lr, betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: warmup_cosine(s, warmup, args.steps, t.min_lr_ratio))
-        self.settings = StepSettings(method=self.method, teacher_eos_id=sides.teacher_eos, **settings_kw)
         self.grad_clip = t.grad_clip
         self.curve: list = []
         self.seconds: list = []
@@ -233,8 +226,8 @@ class Variant:
         t0 = time.perf_counter()
         forward = None if self.method == "ce" else (lambda ids, mask: teacher_logits)
         # conversion "exact" runs its own tree-masked teacher forwards, so it needs the model
-        loss, logs = distill_step(forward, self.forward, batch, self.settings, teacher_vocab,
-                                  teacher_model=teacher_model)
+        loss, logs = distill_step(forward, self.forward, batch, self.distill, teacher_vocab=teacher_vocab,
+                                  teacher_eos_id=self.teacher_eos, teacher_model=teacher_model)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -242,7 +235,7 @@ class Variant:
         self.sched.step()
         # the teacher forward is shared by the variants of a step; each one that reads it pays for
         # it (conversion "exact" runs its own forwards, which carry the canonical tokens too)
-        reads_forward = self.method != "ce" and not (self.method == "bld" and self.settings.conversion == "exact")
+        reads_forward = self.method != "ce" and not (self.method == "bld" and self.distill.conversion not in ONE_PASS_MODES)
         self.seconds.append(time.perf_counter() - t0 + (teacher_seconds if reads_forward else 0.0))
         for k, v in logs.items():
             self.logs[k] = self.logs.get(k, 0.0) + float(v)
@@ -254,7 +247,7 @@ class Variant:
 
     def record(self, steps):
         return {"variant": self.name, "method": self.method, "head": self.head,
-                "conversion": self.settings.conversion if self.method == "bld" else None,
+                "conversion": self.distill.conversion if self.method == "bld" else None,
                 "seed": self.seed, "curve": self.curve, "final_bpb": self.curve[-1][1],
                 "body_checksum": self.checksum,
                 "step_seconds_mean": statistics.mean(self.seconds),
@@ -263,9 +256,9 @@ class Variant:
                 "tokens": self.logs.get("tokens", 0.0), "bytes": self.logs.get("bytes", 0.0)}
 
 
-def run_seed(args, recipe, sides, teacher, seed, variants, train_windows, make_batch, eval_batches, settings_kw):
+def run_seed(args, recipe, sides, teacher, seed, variants, train_windows, make_batch, eval_batches, distill):
     """All variants of one seed in lockstep: the same batch at every step, one teacher forward."""
-    runs = [Variant(args, recipe, sides, name, seed, settings_kw) for name in variants]
+    runs = [Variant(args, recipe, sides, name, seed, distill) for name in variants]
     if len({v.checksum for v in runs}) != 1:
         raise RuntimeError(f"seed {seed}: variants start from different student bodies")
     for v in runs:
@@ -420,10 +413,9 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     recipe = load_recipe(args.recipe, args.override)
     d = recipe.distill
-    settings_kw = dict(lambda_b=d.lambda_b if args.lambda_b is None else args.lambda_b,
-                       lambda_kl=d.lambda_kl if args.lambda_kl is None else args.lambda_kl,
-                       divergence=d.divergence, beta=d.beta, temperature=d.temperature,
-                       conversion=args.conversion or d.conversion)
+    distill = dataclasses.replace(d, lambda_b=d.lambda_b if args.lambda_b is None else args.lambda_b,
+                                  lambda_kl=d.lambda_kl if args.lambda_kl is None else args.lambda_kl,
+                                  conversion=args.conversion or d.conversion)
     wb = recipe.data.window_bytes
     if recipe.data.train != ["builtin:train"]:
         raise SystemExit("this tool measures the shipped corpus: the recipe's data.train must be [builtin:train]")
@@ -451,7 +443,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     modes = [m.strip() for m in args.teacher_conversions.split(",") if m.strip()]
-    teacher_result = eval_teacher(teacher, sides, eval_batches, modes)
+    teacher_result = eval_teacher(teacher, sides, eval_batches, modes, distill.exact_chunk_tokens)
     print(f"teacher: token BPB {teacher_result['token_bpb']:.4f}; byte BPB "
           + ", ".join(f"{m} {v:.4f} (gap {teacher_result['gap'][m]:+.4f})" for m, v in teacher_result["byte_bpb"].items())
           + f" [{time.perf_counter() - t0:.1f} s]", flush=True)
@@ -464,15 +456,15 @@ def main(argv=None):
         train_windows = WindowStream(train_docs, wb, seed).take(args.steps * args.batch)
         t1 = time.perf_counter()
         runs += run_seed(args, recipe, sides, teacher, seed, variants, train_windows, make_batch,
-                         eval_batches, settings_kw)
+                         eval_batches, distill)
         print(f"seed {seed}: " + ", ".join(f"{r['variant']} {r['final_bpb']:.4f}" for r in runs if r["seed"] == seed)
               + f" [{time.perf_counter() - t1:.0f} s]", flush=True)
 
     table = summarize(runs, variants)
     result = {
         "args": {**vars(args), "seeds": seeds, "lr": args.lr if args.lr is not None else recipe.train.lr,
-                 "lambda_kl": settings_kw["lambda_kl"], "lambda_b": settings_kw["lambda_b"],
-                 "conversion": settings_kw["conversion"], "window_bytes": wb,
+                 "lambda_kl": distill.lambda_kl, "lambda_b": distill.lambda_b,
+                 "conversion": distill.conversion, "window_bytes": wb,
                  "warmup": args.warmup if args.warmup is not None else recipe.train.warmup_steps,
                  "weight_decay": recipe.train.weight_decay, "min_lr_ratio": recipe.train.min_lr_ratio,
                  "grad_clip": recipe.train.grad_clip},

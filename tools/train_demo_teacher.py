@@ -37,12 +37,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bld_scale.data.corpus import HELDOUT_WORKS, load_works
+from bld_scale.demo import TEACHER_DIR
+from bld_scale.tokenize.token_bytes import TokenBytes
 
-from bld_scale.data.corpus import HELDOUT_WORKS, load_works  # noqa: E402
-from bld_scale.demo import TEACHER_DIR  # noqa: E402
-from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PLOT = REPO / "docs" / "demo_teacher_loss.png"
 

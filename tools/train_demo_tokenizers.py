@@ -27,13 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bld_scale.data.corpus import HELDOUT_WORKS, load_works  # noqa: E402
-from bld_scale.demo import DEMO_DIR  # noqa: E402
-from bld_scale.tokenize.zoo import save_sentencepiece, train_byte_level_bpe, train_sentencepiece  # noqa: E402
-from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+from bld_scale.data.corpus import HELDOUT_WORKS, load_works
+from bld_scale.demo import DEMO_DIR
+from bld_scale.tokenize.token_bytes import TokenBytes
+from bld_scale.tokenize.zoo import save_sentencepiece, train_byte_level_bpe, train_sentencepiece
 
 TEACHER_VOCAB = 4096
 STUDENT_VOCAB = 2048

@@ -47,156 +47,31 @@ Cost
 The (b) contexts are `enc(x[0..e))` for the character boundaries `e` inside canonical tokens:
 about (bytes per token - 1) contexts per token. Each shares its longest common token prefix with
 the canonical tokenization and adds a few tokens; all of them form a tree hanging off the
-canonical sequence, run in one forward with a tree attention mask (`bld_scale.tree_forward`,
+canonical sequence, run in one forward with a tree attention mask (`bld_scale.convert.tree_forward`,
 chunked to `max_tokens` query positions). The sums over next tokens reuse the sorted-vocabulary
 ranges and the log-space mixing of `cover`.
 
-`prefix_window` (tokens, default 16): `enc(x[0..e))` is computed as `t_<j + enc(x[s_j..e))` with
-`j` that many canonical tokens before `e` (all contexts in one batch call to the tokenizer).
-That equals the full encoding whenever the tokenizer's split at `s_j` is stable (a pre-token
-boundary, far enough back for BPE merges), so a window starts at a token that begins with a
-space where one is near (a word boundary in every family here); under a SentencePiece dummy
-prefix it must, and is encoded without that space (the dummy prefix gives it back). A window whose encoding does not repeat the
-canonical tokens over its first half is not stable (Tekken's pre-tokenizer joins "'I" alone but
-not after "--"), and that context is encoded whole; the tests check windowed == whole on
-held-out text for byte-level BPE, Llama-3-style BPE, Tekken, Gemma and Mistral SentencePiece.
-`None` encodes the whole prefix every time (quadratic in the text length).
+Which contexts, and how their prefix encodings are found: `bld_scale.convert.exact_contexts`.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from bld_scale.convert.one_pass import (EOT, NUM_BYTE_OUTCOMES, _logaddexp_scatter, _refine_small_masses,
-                       _start_rows, _token_layout, split_edges)
-from bld_scale.convert.tree_forward import iter_tree_logprobs, plan_tree
+from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, check_logprobs, normalise_rows, pad_byte_rows, start_rows
+from bld_scale.convert.exact_contexts import ExactContexts, exact_contexts, tree_forwards
+from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
+from bld_scale.convert.tree_forward import iter_tree_logprobs
 from bld_scale.tokenize.token_bytes import TokenBytes
 
 
-@dataclass
-class ExactContexts:
-    """The (b) contexts of one text and the tree that runs them."""
-
-    shift: int  # rows before the text's byte 0 (SentencePiece dummy prefix)
-    starts: list = field(default_factory=list)  # e of each extra context
-    tokens: list = field(default_factory=list)  # its full token tuple tau
-    anchor: list = field(default_factory=list)  # longest common prefix with the canonical ids
-    node_of: list = field(default_factory=list)  # tree node holding its last token
-    parent: list = field(default_factory=list)  # tree: prefix position, or P + node
-    node_token: list = field(default_factory=list)
-
-
-def _detect_shift(ids, data: bytes, vocab: TokenBytes) -> int:
-    for shift in (0, 1):
-        if shift and data[:1] != b" ":
-            break
-        try:
-            text = data[shift:].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if [int(i) for i in vocab._encode_ids(text)] == [int(i) for i in ids]:
-            return shift
-    raise ValueError(f"{vocab.name}: mode 'exact' needs the text's canonical tokens (from "
-                     "TokenBytes.encode(text)); these ids are not what the tokenizer produces for "
-                     "their own bytes")
-
-
-def _encode_many(vocab: TokenBytes, pieces: list) -> list:
-    """(ids, their bytes) of each byte string, in one batch call to the tokenizer."""
-    table = vocab.all_token_bytes()
-    out = []
-    for ids in vocab.encode_ids_batch([piece.decode("utf-8") for piece in pieces]):
-        try:  # a row without bytes (or outside the model) can never match the text
-            got = b"".join([table[i] or b"\0\0" for i in ids])
-        except IndexError:
-            got = None
-        out.append((ids, got))
-    return out
-
-
-def prefix_encodings(vocab: TokenBytes, ids: Sequence[int], data: bytes, starts: np.ndarray, shift: int,
-                     prefix_window: int | None) -> dict:
-    """For each split `e` where x[0..e) is a text of the tokenizer (case (b)): (enc(x[0..e)) as
-    token ids, a length it surely shares with `ids`). Two batch calls to the tokenizer at most."""
-    # not inside a character, not before the text (the empty text has no tokens and, with a dummy
-    # prefix, no byte-exact encoding)
-    splits = [e for e in range(max(1, shift + 1), len(data)) if (data[e] & 0xC0) != 0x80]
-    found: dict = {}
-    full = splits
-    if prefix_window is not None:
-        windows, agree = [], []
-        for e in splits:
-            k = int(np.searchsorted(starts, e, side="right")) - 1  # token holding (or starting at) e
-            j = max(0, k - int(prefix_window))
-            # Start at a token that begins with a space (a word boundary for every family here;
-            # under a dummy prefix the space it gives back), looking at most prefix_window tokens
-            # further back; else, without a dummy prefix, where we were, at a character.
-            w = j
-            while w > 0 and data[starts[w]] != 0x20 and w > j - int(prefix_window):
-                w -= 1
-            if w == 0 or data[starts[w]] == 0x20:
-                j = w
-            elif shift:
-                j = 0
-            while j > 0 and (data[starts[j]] & 0xC0) == 0x80:
-                j -= 1
-            windows.append(j)
-            agree.append(0 if j == 0 else max(1, (k - j) // 2))
-        encoded = _encode_many(vocab, [data[starts[j] + shift:e] for e, j in zip(splits, windows)])
-        full = []
-        for e, j, h, (local, got) in zip(splits, windows, agree, encoded):
-            # The window must start where the text's own tokenization does: far from e the
-            # prefix's encoding is the text's, so the window's first half must repeat the
-            # canonical tokens (a pre-tokenizer can tie the window's first token to the bytes
-            # before it, e.g. Tekken splits "--'I" as "'", "I" but "'I" alone as one token).
-            if got == data[starts[j]:e] and list(local[:h]) == list(ids[j:j + h]):
-                found[e] = (list(ids[:j]) + local, j)
-            else:  # ask the tokenizer about the whole prefix
-                full.append(e)
-    for e, (tau, got) in zip(full, _encode_many(vocab, [data[shift:e] for e in full])):
-        if got == data[:e]:
-            found[e] = (tau, 0)
-    return found
-
-
-def exact_contexts(ids: Sequence[int], vocab: TokenBytes, *, prefix_window: int | None = 16) -> ExactContexts:
-    """Every (b) context of the rule that is not a canonical prefix, and the tree that runs them."""
-    ids = [int(i) for i in ids]
-    data, starts = _token_layout(ids, vocab)
-    shift = _detect_shift(ids, data, vocab)
-    ctx = ExactContexts(shift=shift)
-    boundary = {int(s): k for k, s in enumerate(starts)}
-    P = len(ids) + 1
-    trie: dict[tuple, int] = {}
-    encodings = prefix_encodings(vocab, ids, data, starts, shift, prefix_window)
-    for e in sorted(encodings):
-        tau, a = encodings[e]
-        k = boundary.get(e)
-        if k is not None and len(tau) == k and tau[a:] == ids[a:k]:
-            continue  # the canonical prefix: already a `cover` context
-        limit = min(len(tau), len(ids))
-        while a < limit and tau[a] == ids[a]:
-            a += 1
-        parent = a  # prefix position of [BOS] t_1..t_a
-        for tok in tau[a:]:
-            key = (parent, tok)
-            node = trie.get(key)
-            if node is None:
-                node = len(ctx.parent)
-                trie[key] = node
-                ctx.parent.append(parent)
-                ctx.node_token.append(tok)
-            parent = P + node
-        ctx.starts.append(e)
-        ctx.tokens.append(tuple(tau))
-        ctx.anchor.append(a)
-        ctx.node_of.append(parent - P)
-    return ctx
+# Query positions per tree forward of `exact_byte_targets` (the training step's batches); the recipe
+# sets it with distill.exact_chunk_tokens.
+BATCH_CHUNK_TOKENS = 16384
 
 
 def _context_edges(rows: torch.Tensor, ctx_start: np.ndarray, log_weight: torch.Tensor, data: bytes,
@@ -239,6 +114,8 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
       already has them (to count the forwards first). `info`, when a dict, receives counts
       (contexts, tree nodes, forwards).
     """
+    if logprobs is not None:
+        check_logprobs(logprobs, ids, vocab, eos_id)
     if teacher is None:
         raise ValueError("mode 'exact' needs the teacher model: byte_logprobs(..., mode='exact', teacher=model)")
     ids = [int(i) for i in ids]
@@ -254,7 +131,7 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
         first = next(chunks)
         logprobs = first.prefix
     device = logprobs.device
-    data, starts, out, log_prefix = _start_rows(logprobs, ids, vocab)
+    data, starts, out, log_prefix = start_rows(logprobs, ids, vocab)
     if info is not None:
         info.update(contexts=len(ctx.starts), tree_nodes=M, tokens=len(ids), bytes=len(data),
                     forwards=(1 if first is not None else 0))
@@ -268,7 +145,7 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
         out[torch.as_tensor(starts, device=device), EOT] = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()
     eot_only = out.clone()
     canon_edges = _context_edges(logprobs[: len(ids)], starts, log_prefix, data, vocab, memory)
-    _logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
+    logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
 
     # The (b) contexts, one tree forward at a time, into their own accumulator.
     extra = torch.full_like(out, -math.inf)
@@ -292,33 +169,56 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
         c_w = node_lp[torch.as_tensor(node_of[cs], device=device)]
         c_start = context_start[cs]
         if eos_id is not None:  # EOT where a valid complete tokenization ends
-            _logaddexp_scatter(extra.view(-1), torch.as_tensor(c_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
-                               c_w + c_rows[:, int(eos_id)].double())
+            logaddexp_scatter(extra.view(-1), torch.as_tensor(c_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
+                              c_w + c_rows[:, int(eos_id)].double())
         edges = _context_edges(c_rows, c_start, c_w, data, vocab, memory)
         if edges["value"].numel():
             before = extra.clone()
-            _logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
+            logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
             # Row totals seen so far are at most the final ones, so this flags every edge the
             # final totals would flag (and perhaps a few more, summed directly all the same).
-            if _refine_small_masses(torch.logaddexp(out, extra), edges, c_w, c_rows, perm):
+            if refine_small_masses(torch.logaddexp(out, extra), edges, c_w, c_rows, perm):
                 extra = before
-                _logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
+                logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
     total = torch.logaddexp(out, extra)
-    if canon_edges["value"].numel() and _refine_small_masses(total, canon_edges, log_prefix, logprobs, perm):
+    if canon_edges["value"].numel() and refine_small_masses(total, canon_edges, log_prefix, logprobs, perm):
         out = eot_only
-        _logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
+        logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
         total = torch.logaddexp(out, extra)
-    norm = torch.logsumexp(total, dim=1, keepdim=True)
-    total = torch.where(torch.isfinite(norm), total - norm, total)
-    return total.float()
+    return normalise_rows(total)
 
 
-def tree_forwards(ctx: ExactContexts, n_ids: int, *, max_tokens: int = 4096, with_prefix: bool = True) -> int:
-    """How many teacher forwards `byte_logprobs_exact` makes for these contexts (`with_prefix`:
-    logprobs=None, the canonical tokens ride in the first one)."""
-    if not ctx.parent and not with_prefix:
-        return 0
-    return plan_tree(n_ids + 1, ctx.parent, max_tokens=max_tokens, with_prefix=with_prefix).forwards
+def exact_byte_targets(teacher_model, batch, vocab: TokenBytes, eos_id: int | None, *,
+                       max_tokens: int = BATCH_CHUNK_TOKENS, agree_forwards: Callable[[int], int] | None = None):
+    """Exact next-byte targets of a padded batch: `(out [B, N_max + 1, 257], mask [B, N_max + 1])`.
+
+    Per text, tree-masked teacher forwards that carry the canonical tokens too (no separate
+    one-pass forward), at most `max_tokens` query positions each. `batch` needs `teacher_ids`
+    (B lists of canonical tokens) and `teacher_input_ids` (`[B, L_max + 1]`, BOS first).
+
+    The number of forwards depends on the text. A sharded (ZeRO-3) teacher needs every rank to
+    make the same calls in the same order, so the forwards are counted first (the contexts and
+    their chunking need no model), `agree_forwards(n)` (the pipeline's: the maximum of `n` over
+    ranks, itself a collective, so it comes before any forward) says how many to make, and the
+    missing ones are one-token forwards whose output is dropped. Without it nothing is padded.
+    """
+    contexts = [exact_contexts(ids, vocab) for ids in batch.teacher_ids]
+    forwards = sum(tree_forwards(ctx, len(ids), max_tokens=max_tokens)
+                   for ctx, ids in zip(contexts, batch.teacher_ids))
+    target = forwards if agree_forwards is None else agree_forwards(forwards)
+    rows, made = [], 0
+    for b, (ids, ctx) in enumerate(zip(batch.teacher_ids, contexts)):
+        info: dict = {}
+        rows.append(byte_logprobs_exact(None, ids, vocab, teacher=teacher_model, eos_id=eos_id,
+                                        bos_id=int(batch.teacher_input_ids[b, 0]), max_tokens=max_tokens,
+                                        contexts=ctx, info=info))
+        made += info["forwards"]
+    if made != forwards:  # the count the ranks agreed on must be the count made
+        raise RuntimeError(f"exact conversion made {made} teacher forwards but planned {forwards}")
+    with torch.no_grad():
+        for _ in range(target - forwards):
+            teacher_model(input_ids=batch.teacher_input_ids[:1, :1])
+    return pad_byte_rows(rows)
 
 
 def _contexts_by_node(ctx: ExactContexts, M: int) -> list:

@@ -10,12 +10,11 @@ text offset `a_j + i` while `i < min(K, b_j - a_j)`; that offset is teacher byte
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from bld_scale.convert.one_pass import row_shift
-from bld_scale.tokenize.token_bytes import TokenBytes
+from bld_scale.tokenize.token_bytes import TokenBytes, row_shift
 
 IGNORE = -100
 
@@ -166,15 +165,3 @@ def collate(examples: Sequence[Example], K: int, teacher_bos: int, student_bos: 
         student_labels=labels, student_starts=s_starts, byte_targets=byte_targets,
         byte_offsets=byte_offsets, n_text_bytes=n_bytes)
 
-
-def iterate_batches(windows: Iterable[str], pair: PairTokenizer, batch_size: int, K: int,
-                    teacher_bos: int, student_bos: int) -> Iterator[DistillBatch]:
-    """Group windows into batches of `batch_size` (the last one may be smaller)."""
-    chunk: list[Example] = []
-    for window in windows:
-        chunk.append(pair(window))
-        if len(chunk) == batch_size:
-            yield collate(chunk, K, teacher_bos, student_bos)
-            chunk = []
-    if chunk:
-        yield collate(chunk, K, teacher_bos, student_bos)

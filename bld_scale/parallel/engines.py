@@ -159,7 +159,7 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm weights (1-D); ds_shape is the true shape under zero.Init."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -181,7 +181,7 @@ def build_student_engine(model: torch.nn.Module, recipe: Recipe, ds_config: dict
     import deepspeed
 
     t = recipe.train
-    groups = _param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay)
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
     if _on_gpu() and offload == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -195,6 +195,17 @@ class TokenBytes:
                 "use another tokenizer")
 
 
+def row_shift(ids: Sequence[int], spans: Sequence[tuple[int, int]], vocab: TokenBytes) -> int:
+    """Byte rows of a conversion before the text's byte 0: 1 for a dummy-prefix space, else 0.
+
+    `ids, spans = vocab.encode(text)`; the rows follow the tokens' bytes, the spans the text's.
+    """
+    if not ids:
+        return 0
+    first = vocab.token_bytes(ids[0]) or b""
+    return len(first) - (spans[0][1] - spans[0][0])
+
+
 def _context(text: str, ids: Sequence[int], pos: int) -> str:
     return f"token position {pos} of {len(ids)} in a text of {len(text)} characters"
 

@@ -26,9 +26,8 @@ from bld_scale.checkpoint import (CheckpointManager, folder_bytes, install_stop_
 from bld_scale.config import Recipe, save_resolved
 from bld_scale.data.batch import PairTokenizer, collate
 from bld_scale.data.sources import WindowStream, heldout_windows, load_documents, rank_share
-from bld_scale.evaluate import LN2, byte_nll, token_nll
-from bld_scale.convert.one_pass import byte_logprobs
-from bld_scale.train.step import StepSettings, check_same_tokenizer, distill_step, exact_byte_targets, student_nll
+from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
+from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
 from bld_scale.train.setup import seed_everything, setup_student, setup_teacher, setup_tokenizers, student_config_dict
@@ -78,11 +77,6 @@ class Pipeline:
         if universal:  # saved with another world size: DeepSpeed's universal checkpoint
             student_cfg["checkpoint"] = {"load_universal": True}
         self.student = build_student_engine(student, recipe, student_cfg)
-        d = recipe.distill
-        self.settings = StepSettings(method=d.method, lambda_b=d.lambda_b, lambda_kl=d.lambda_kl,
-                                     divergence=d.divergence, beta=d.beta, temperature=d.temperature,
-                                     conversion=d.conversion, teacher_eos_id=self.sides.teacher_eos,
-                                     exact_chunk_tokens=d.exact_chunk_tokens)
         self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
         data = recipe.data
         self.stream = WindowStream(load_documents(data.train, data.format, data.text_field, data.streaming),
@@ -142,38 +136,28 @@ class Pipeline:
         self.student.eval()
         nll = n_bytes = 0.0
         for batch in self._eval_batches():
-            a, b = student_nll(self.student, batch)
+            a, b = student_nll_sums(self.student, batch)
             nll, n_bytes = nll + a, n_bytes + b
         self.student.train()
         nll, n_bytes = self._all_sum([nll, n_bytes])
-        return nll / (n_bytes * LN2)
+        return bits_per_byte(nll, n_bytes)
 
     @torch.no_grad()
     def evaluate_teacher(self) -> dict | None:
         """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
         if not self.eval_windows:
             return None
-        tok_nll = b_nll = n_bytes = 0.0
-        mode = self.settings.conversion
-        vocab, eos = self.sides.teacher_vocab, self.sides.teacher_eos
+        d = self.recipe.distill
+        sums = TeacherNllSums()
         for batch in self._eval_batches():
-            lp = torch.log_softmax(self._teacher_forward(batch.teacher_input_ids,
-                                                         batch.teacher_attention_mask).float(), -1)
             # exact: tree forwards, as many on every rank (ZeRO-3 ranks must stay in step)
-            exact_q = exact_byte_targets(self.teacher, batch, vocab, eos, max_tokens=self.settings.exact_chunk_tokens,
-                                         agree_forwards=self._agree_forwards)[0] if mode == "exact" else None
-            for b, ids in enumerate(batch.teacher_ids):
-                rows = lp[b, : len(ids) + 1]
-                data = b"".join(vocab.token_bytes(i) for i in ids)
-                q = exact_q[b, : len(data) + 1] if exact_q is not None else \
-                    byte_logprobs(rows, ids, vocab, eos_id=eos, mode=mode)
-                tok_nll += token_nll(rows, ids)
-                b_nll += byte_nll(q, data)
-                n_bytes += float(batch.n_text_bytes[b])
-        tok_nll, b_nll, n_bytes = self._all_sum([tok_nll, b_nll, n_bytes])
-        token_bpb, byte_bpb = tok_nll / (n_bytes * LN2), b_nll / (n_bytes * LN2)
-        return {"teacher_token_bpb": token_bpb, "teacher_byte_bpb": byte_bpb,
-                "conversion_gap": byte_bpb - token_bpb, "conversion": mode}
+            teacher_nll_sums(self._teacher_forward, batch, self.sides.teacher_vocab, conversion=d.conversion,
+                             teacher_model=self.teacher, eos_id=self.sides.teacher_eos,
+                             exact_chunk_tokens=d.exact_chunk_tokens, agree_forwards=self._agree_forwards,
+                             into=sums)
+        bpb = TeacherNllSums(*self._all_sum(sums.as_list())).bpb()
+        return {"teacher_token_bpb": bpb.token_bpb, "teacher_byte_bpb": bpb.byte_bpb,
+                "conversion_gap": bpb.gap, "conversion": d.conversion}
 
     # ------------------------------------------------------------------ training
     def _agree_stop(self) -> bool:
@@ -195,9 +179,9 @@ class Pipeline:
             mine = rank_share(self.stream.take(global_batch), self.rank, self.world)
             for m in range(t.grad_accum):
                 batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
-                loss, logs = distill_step(self._teacher_forward, self.student, batch, self.settings,
-                                          self.sides.teacher_vocab, teacher_model=self.teacher,
-                                          agree_forwards=self._agree_forwards)
+                loss, logs = distill_step(self._teacher_forward, self.student, batch, r.distill,
+                                          teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
+                                          teacher_model=self.teacher, agree_forwards=self._agree_forwards)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bld_scale.convert.one_pass import EOT, byte_logprobs, byte_logprobs_batch, row_shift
+from bld_scale.convert import EOT, byte_logprobs, byte_logprobs_batch
 from bld_scale.evaluate import teacher_bpb, token_nll
-from bld_scale.tokenize.token_bytes import TokenBytes
+from bld_scale.tokenize.token_bytes import TokenBytes, row_shift
 from vocab_tables import SINGLE_BYTES, table_vocab
 
 
@@ -168,13 +168,13 @@ def test_batched_form_gives_the_same_numbers():
 
 
 def test_small_chunks_give_the_same_numbers(monkeypatch):
-    import bld_scale.convert.one_pass as bc
+    import bld_scale.convert.running_sums as bc
 
     vocab = table_vocab(SMALL)
     ids, _ = vocab.encode("the there here they these theme")
     lp = random_logprobs(len(ids) + 1, vocab.vocab_size, 2.0, 9)
     whole = byte_logprobs(lp, ids, vocab, eos_id=vocab.vocab_size - 1)
-    monkeypatch.setattr(bc, "_chunk_rows", lambda *a: 2)
+    monkeypatch.setattr(bc, "chunk_rows", lambda *a: 2)
     chunked = byte_logprobs(lp, ids, vocab, eos_id=vocab.vocab_size - 1)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
 
@@ -264,7 +264,7 @@ def test_teacher_bpb_and_gap_on_a_byte_level_teacher_are_equal():
 
 @pytest.mark.parametrize("n_values", [3, 5000])  # the touched-cells path and the dense path
 def test_logaddexp_scatter_against_a_loop(n_values):
-    from bld_scale.convert.one_pass import _logaddexp_scatter
+    from bld_scale.convert.running_sums import logaddexp_scatter
 
     g = torch.Generator().manual_seed(n_values)
     acc = torch.randn(400, generator=g, dtype=torch.float64) * 30
@@ -281,7 +281,7 @@ def test_logaddexp_scatter_against_a_loop(n_values):
             peak = max(items)
             want[t] = peak + math.log(math.fsum(math.exp(x - peak) for x in items))
     got = acc.clone()
-    _logaddexp_scatter(got, target, value)
+    logaddexp_scatter(got, target, value)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)

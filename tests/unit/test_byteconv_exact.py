@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from bld_scale.convert.one_pass import EOT, byte_logprobs, byte_logprobs_batch
-from bld_scale.convert.exact import byte_logprobs_exact, exact_contexts, teacher_logprobs
+from bld_scale.convert import EOT, byte_logprobs, byte_logprobs_batch
+from bld_scale.convert.exact import byte_logprobs_exact, teacher_logprobs
+from bld_scale.convert.exact_contexts import exact_contexts
 from bld_scale.convert.tree_forward import separate_logprobs, tree_logprobs
 from bld_scale.tokenize.token_bytes import TokenBytes
 from vocab_tables import SINGLE_BYTES, table_vocab
@@ -262,7 +263,7 @@ def test_chunked_tree_forwards_stay_bounded_and_give_the_same_numbers(max_tokens
 
 def test_sharded_teachers_get_the_same_number_of_forwards():
     """`agree_forwards` pads this rank's tree forwards up to the count the ranks agree on."""
-    from bld_scale.train.step import exact_byte_targets
+    from bld_scale.convert.exact import exact_byte_targets
     from bld_scale.data.batch import PairTokenizer, collate
 
     vocab = table_vocab(SMALL)
@@ -289,13 +290,13 @@ def test_vanishing_masses_take_the_direct_sums_and_still_match_brute_force(monke
     import bld_scale.convert.exact as bx
 
     taken = []
-    real = bx._refine_small_masses
+    real = bx.refine_small_masses
 
     def spy(*args):
         taken.append(real(*args))
         return taken[-1]
 
-    monkeypatch.setattr(bx, "_refine_small_masses", spy)
+    monkeypatch.setattr(bx, "refine_small_masses", spy)
     vocab = table_vocab(SMALL)
     bos = eos = vocab.vocab_size - 1
     model = tiny_llama(vocab.vocab_size, seed=11, init=1.0)

@@ -6,7 +6,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bld_scale.data.batch import PairTokenizer, collate, split_windows
-from bld_scale.train.step import StepSettings, check_same_tokenizer, distill_step, student_nll, uld_pairs
+from bld_scale.config import DistillConfig
+from bld_scale.evaluate import student_nll_sums
+from bld_scale.train.step import check_same_tokenizer, distill_step, uld_pairs
 from bld_scale.model.student import build_student
 from bld_scale.tokenize.zoo import mistral_sentencepiece, tekken
 from bld_scale.tokenize.token_bytes import TokenBytes
@@ -110,7 +112,7 @@ def _teacher_fn(teacher):
 def test_every_method_gives_a_finite_loss_and_gradients(tiny_pair, method):
     teacher, t_vocab, s_vocab, batch = tiny_pair
     student = _student(s_vocab)
-    loss, logs = distill_step(_teacher_fn(teacher), student, batch, StepSettings(method=method),
+    loss, logs = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method=method),
                               teacher_vocab=t_vocab)
     assert torch.isfinite(loss)
     loss.backward()
@@ -128,18 +130,18 @@ def test_token_kd_runs_with_a_shared_tokenizer(tiny_pair):
                     teacher_bos=0, student_bos=0)
     check_same_tokenizer(t_vocab, t_vocab)
     student = _student(t_vocab, head="linear")
-    loss, logs = distill_step(_teacher_fn(teacher), student, batch, StepSettings(method="token_kd"),
+    loss, logs = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="token_kd"),
                               teacher_vocab=t_vocab)
     assert torch.isfinite(loss) and "loss_kd" in logs
 
 
 def test_bld_kl_term_is_the_teacher_byte_targets(tiny_pair):
     """loss_kl equals forward KL computed here by hand from byte_logprobs for one slot set."""
-    from bld_scale.convert.one_pass import byte_logprobs
+    from bld_scale.convert import byte_logprobs
 
     teacher, t_vocab, s_vocab, batch = tiny_pair
     student = _student(s_vocab, head="linear")
-    _, logs = distill_step(_teacher_fn(teacher), student, batch, StepSettings(method="bld"), teacher_vocab=t_vocab)
+    _, logs = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab)
     with torch.no_grad():
         lp = torch.log_softmax(teacher(input_ids=batch.teacher_input_ids,
                                        attention_mask=batch.teacher_attention_mask).logits.float(), -1)
@@ -165,18 +167,18 @@ def test_plain_loop_learns(tiny_pair):
     teacher, t_vocab, s_vocab, batch = tiny_pair
     student = _student(s_vocab)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
-    before, n_bytes = student_nll(student, batch)
+    before, n_bytes = student_nll_sums(student, batch)
     for _ in range(15):
-        loss, _ = distill_step(_teacher_fn(teacher), student, batch, StepSettings(method="bld"), teacher_vocab=t_vocab)
+        loss, _ = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after, _ = student_nll(student, batch)
+    after, _ = student_nll_sums(student, batch)
     assert after < before and n_bytes == int(batch.n_text_bytes.sum())
 
 
 def test_bld_with_exact_targets_runs_one_tree_forward_per_text(tiny_pair):
-    from bld_scale.train.step import exact_byte_targets
+    from bld_scale.convert.exact import exact_byte_targets
 
     teacher, t_vocab, s_vocab, batch = tiny_pair
     calls = []
@@ -203,6 +205,6 @@ def test_bld_with_exact_targets_runs_one_tree_forward_per_text(tiny_pair):
                                  bos_id=int(batch.teacher_input_ids[0, 0]))
     torch.testing.assert_close(q[0, : direct.shape[0]], direct, atol=1e-5, rtol=0)
     student = _student(s_vocab, head="linear")
-    loss, logs = distill_step(_teacher_fn(teacher), student, batch, StepSettings(method="bld", conversion="exact"),
+    loss, logs = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld", conversion="exact"),
                               teacher_vocab=t_vocab, teacher_model=teacher)
     assert torch.isfinite(loss) and "loss_kl" in logs

@@ -1,0 +1,119 @@
+"""The one place a conversion mode is chosen: one text, a padded batch, a training batch's targets.
+
+Modes (docs/byte-interface.md): "cover" and "within_token" read one teacher forward
+(`bld_scale.convert.one_pass`); "exact" also runs tree-masked forwards of the teacher model
+(`bld_scale.convert.exact`). Everything that needs teacher byte distributions (the training step,
+the evaluation, the tools) comes here with the mode as a string.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from bld_scale.convert.byte_rows import pad_byte_rows
+from bld_scale.convert.exact import BATCH_CHUNK_TOKENS, byte_logprobs_exact, exact_byte_targets
+from bld_scale.convert.one_pass import byte_logprobs_one_pass
+from bld_scale.tokenize.token_bytes import TokenBytes
+
+MODES = ("cover", "within_token", "exact")
+# Modes whose targets come from the one teacher forward over the canonical tokens alone.
+ONE_PASS_MODES = ("cover", "within_token")
+TeacherForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown conversion mode {mode!r}; choose one of {', '.join(MODES)} "
+                         "('exact' needs the teacher model: see the exact-mode docs)")
+
+
+@torch.no_grad()
+def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *,
+                  eos_id: int | None = None, mode: str = "cover", **exact) -> torch.Tensor:
+    """Next-byte log-probabilities `[N + 1, 257]` of the teacher over one text.
+
+    logprobs: `[L + 1, V]` teacher log-probabilities (float32 or bfloat16; computed in float32 /
+      float64), row k = distribution of the token after BOS and the first k tokens of `ids`.
+    ids: the L canonical teacher tokens of the text; vocab: their `TokenBytes`.
+    eos_id: the teacher's end-of-sequence token; None gives EOT no mass before the end.
+    mode: "cover" (default), "within_token", or "exact" (needs `teacher=`; further keyword
+      arguments go to `bld_scale.convert.exact.byte_logprobs_exact`).
+    Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
+    """
+    check_mode(mode)
+    if mode == "exact":
+        return byte_logprobs_exact(logprobs, ids, vocab, eos_id=eos_id, **exact)
+    if exact:
+        raise TypeError(f"mode {mode!r} takes no {', '.join(exact)} (only mode 'exact' does)")
+    return byte_logprobs_one_pass(logprobs, ids, vocab, eos_id=eos_id, within_token=mode == "within_token")
+
+
+def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vocab: TokenBytes, *,
+                        eos_id: int | None = None, mode: str = "cover", **exact):
+    """Batched `byte_logprobs`.
+
+    logprobs: padded `[B, L_max + 1, V]`; ids: B lists of canonical tokens (row b uses its first
+    `len(ids[b]) + 1` rows). Returns `(out [B, N_max + 1, 257], mask [B, N_max + 1])`, padding
+    rows all -inf and False in the mask; the numbers equal `byte_logprobs` example by example.
+    """
+    if logprobs.dim() != 3 or logprobs.shape[0] != len(ids):
+        raise ValueError(f"logprobs must be [B, L_max + 1, V] with B = len(ids) = {len(ids)}; got "
+                         f"{tuple(logprobs.shape)}")
+    rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, **exact)
+            for b, seq in enumerate(ids)]
+    return pad_byte_rows(rows)
+
+
+def teacher_token_logprobs(teacher_forward: TeacherForward, batch) -> torch.Tensor:
+    """The teacher's one-pass `[B, L_max + 1, V]` token log-probabilities (float32) over a batch.
+
+    `teacher_forward(input_ids, attention_mask)` returns logits (or an output with `.logits`);
+    `batch` needs `teacher_input_ids` and `teacher_attention_mask`.
+    """
+    with torch.no_grad():
+        logits = teacher_forward(batch.teacher_input_ids, batch.teacher_attention_mask)
+        logits = getattr(logits, "logits", logits)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+class TeacherTargets(NamedTuple):
+    byte_logprobs: torch.Tensor  # [B, N_max + 1, 257], padding rows -inf
+    mask: torch.Tensor  # [B, N_max + 1], True on a text's rows
+    token_logprobs: torch.Tensor | None  # [B, L_max + 1, V] when the one-pass forward was made
+
+
+def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_forward: TeacherForward | None,
+                         teacher_model=None, eos_id: int | None = None,
+                         exact_chunk_tokens: int = BATCH_CHUNK_TOKENS,
+                         agree_forwards: Callable[[int], int] | None = None,
+                         with_token_logprobs: bool = False) -> TeacherTargets:
+    """The teacher's next-byte targets of a padded batch, for any conversion mode.
+
+    batch: anything with `teacher_input_ids`, `teacher_attention_mask` (`[B, L_max + 1]`, BOS
+      first) and `teacher_ids` (B lists of canonical tokens), e.g. a `DistillBatch`.
+    teacher_forward: `(input_ids, attention_mask) -> logits`, the one-pass forward the modes in
+      `ONE_PASS_MODES` read. teacher_model: the module (or engine) behind it, which mode "exact"
+      calls with tree masks, at most `exact_chunk_tokens` query positions per forward (the
+      canonical tokens ride in the first one, so exact makes no one-pass forward).
+    agree_forwards: for a sharded teacher, maps this rank's count of exact-mode forwards to the
+      count every rank makes (see `exact.exact_byte_targets`).
+    with_token_logprobs: make the one-pass forward in mode "exact" too (before the tree
+      forwards), for callers that also need the teacher's token log-probabilities.
+    Returns `TeacherTargets(byte_logprobs, mask, token_logprobs)`; `token_logprobs` is None when
+    no one-pass forward was made.
+    """
+    check_mode(conversion)
+    logprobs = None
+    if conversion in ONE_PASS_MODES or with_token_logprobs:
+        if teacher_forward is None:
+            raise ValueError(f"conversion {conversion!r} reads the teacher's forward: pass teacher_forward=")
+        logprobs = teacher_token_logprobs(teacher_forward, batch)
+    if conversion == "exact":
+        if teacher_model is None:
+            raise ValueError("conversion 'exact' needs the teacher model (teacher_model=...)")
+        q, mask = exact_byte_targets(teacher_model, batch, vocab, eos_id, max_tokens=exact_chunk_tokens,
+                                     agree_forwards=agree_forwards)
+    else:
+        q, mask = byte_logprobs_batch(logprobs, batch.teacher_ids, vocab, eos_id=eos_id, mode=conversion)
+    return TeacherTargets(q, mask, logprobs)

@@ -43,7 +43,7 @@ from bld_scale.data.corpus import load_works
 from bld_scale.data.sources import WindowStream
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
 from bld_scale.parallel.engines import param_groups, warmup_cosine
-from bld_scale.train.pipeline import seed_everything, setup_student, setup_tokenizers
+from bld_scale.train.setup import seed_everything, setup_student, setup_tokenizers
 from bld_scale.train.step import distill_step
 
 REPO = Path(__file__).resolve().parents[1]

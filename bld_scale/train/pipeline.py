@@ -179,7 +179,7 @@ class Pipeline:
             mine = rank_share(self.stream.take(global_batch), self.rank, self.world)
             for m in range(t.grad_accum):
                 batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
-                loss, logs = distill_step(self._teacher_forward, self.student, batch, r.distill,
+                loss, logs = distill_step(self._teacher_forward, self.student, batch, self.recipe.distill,
                                           teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
                                           teacher_model=self.teacher, agree_forwards=self._agree_forwards)
                 self.student.backward(loss)

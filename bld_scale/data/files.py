@@ -58,13 +58,16 @@ class _Files:
     def _check_field(self) -> None:
         pass
 
+    def _place(self, path: str, row: int) -> str:
+        return f"{path} {self.row_word} {row}"
+
     def _stream(self) -> Iterator[tuple[str, str]]:
         for path in self.paths:
             first = path not in self._checked
             if first:  # a pass given up midway (a probe) counted part of this file: count afresh
                 self.report.files.pop(path, None)
             for row, _, text in self._rows(path, self.report if first else None):
-                yield f"{path} {self.row_word} {row}", text
+                yield self._place(path, row), text
             if first:
                 self._checked.add(path)
                 self.finish([path], complete=len(self._checked) == len(self.paths))
@@ -111,6 +114,9 @@ class TextFiles(_Files):
 
     def where(self, i: int) -> str:
         return self.paths[int(i)]
+
+    def _place(self, path: str, row: int) -> str:
+        return path
 
 
 class JsonlFiles(_Files):
@@ -205,4 +211,4 @@ class JsonlFiles(_Files):
 
     def where(self, i: int) -> str:
         k, j = self._locate(i)
-        return f"{self.paths[k]} line {self._lines[k][j]}"
+        return self._place(self.paths[k], self._lines[k][j])

@@ -222,7 +222,7 @@ class WindowStream:
         n = self.windows_per_epoch
         if n < count:
             self._said_tiny = True
-            self.log(f"warning: {self.key} gives only {n} windows per epoch, fewer than the {count} "
+            self.log(f"warning: {self.key} gives only {n} window{'s' * (n != 1)} per epoch, fewer than the {count} "
                      "one step takes: every step repeats the same windows. Add data (or lower "
                      "train.micro_batch_size / train.grad_accum)")
         else:

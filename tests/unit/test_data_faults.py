@@ -232,7 +232,7 @@ def test_a_corpus_smaller_than_a_step_is_warned_about_once():
     assert first == ["tiny corpus here"] * 4 and stream.epoch == 3
     stream.take(4)
     assert stream.epoch == 7
-    assert len(log) == 1 and "only 1 windows per epoch, fewer than the 4 one step takes" in log[0]
+    assert len(log) == 1 and "only 1 window per epoch, fewer than the 4 one step takes" in log[0]
 
 
 def test_resume_is_exact_across_epochs_and_old_states_load():
@@ -244,11 +244,16 @@ def test_resume_is_exact_across_epochs_and_old_states_load():
         for _ in range(stop):
             run.take(5)
         state = run.state_dict()
-        resumed, log = WindowStream(docs, 24, seed=4, log=Log()), None
+        log = Log()
+        resumed = WindowStream(docs, 24, seed=4, log=log)
         old = {k: v for k, v in state.items() if k != "epoch"}  # saved before epochs were recorded
         resumed.load_state_dict(old)
         assert [resumed.take(5) for _ in range(8 - stop)] == windows[stop:]
         assert resumed.epoch == full.epoch and resumed.position == full.position
-        assert state["epoch"] == (stop * 5 - 1) // full.windows_per_epoch
+        n = full.windows_per_epoch
+        assert state["epoch"] == (stop * 5 - 1) // n
+        # only the epochs that end after the resume point are announced, each once
+        assert [m.split(" ended")[0] for m in log] == \
+            [f"data.train: epoch {e - 1}" for e in range(1, 40 // n + 1) if stop * 5 <= e * n < 40]
     with pytest.raises(DataError, match="other windows"):
         WindowStream(docs, 32, seed=4).load_state_dict(state)

@@ -100,6 +100,14 @@ class DataConfig:
     heldout: list[str] = _paths("held-out files for bits per byte; empty: no evaluation")
     window_bytes: int = _opt(2048, "bytes of text per training sequence")
     streaming: bool = _opt(False, "read data.train lazily instead of loading it all first")
+    invalid_utf8: str = _choice("error", ("error", "replace"),
+                                "bytes that are not UTF-8 in text / JSONL files: error (name the file and "
+                                "byte offset) or replace (read as U+FFFD, counted and reported)")
+    max_skipped_fraction: float = _opt(0.01, "fraction of rows without text (missing, null or non-string "
+                                             "field) skipped with a report before the run is refused")
+    normalize: str = _choice("none", ("none", "nfc", "nfkc", "nfd", "nfkd"),
+                             "Unicode-normalise the text before both tokenizers (nfkc lets a tokenizer "
+                             "with an NFKC normaliser stay byte-exact); none: the text as stored")
 
 
 @dataclass

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Sequence
 
+from bld_scale.tokenize.normal_forms import normal_forms
+
 SP_SPACE = "\u2581"  # "▁", SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -79,6 +81,7 @@ class TokenBytes:
     unk_id: int | None = None
     hint: str = ""  # what this tokenizer is known to do to text (normaliser), for error messages
     _encode_batch: Callable[[list], list] | None = field(default=None, repr=False)  # the tokenizer's own batch call
+    normal_forms: tuple = ()  # Unicode forms its normaliser applies ("NFKC", ...): see tokenize.normal_forms
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,7 +109,7 @@ class TokenBytes:
                 "the model cannot embed every token. Use the model's real embedding size "
                 f"(>= {len(table)}) or the tokenizer that belongs to this model")
         return cls(name=label, table=table, vocab_size=rows, _encode_ids=encode_ids,
-                   unk_id=unk_id, hint=hint, _encode_batch=encode_batch)
+                   unk_id=unk_id, hint=hint, _encode_batch=encode_batch, normal_forms=normal_forms(tok))
 
     # ------------------------------------------------------------------ lookups
     def token_bytes(self, i: int) -> bytes | None:

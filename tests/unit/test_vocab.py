@@ -350,6 +350,40 @@ def test_nfkc_normaliser_is_refused(nfkc_tok):
         TokenBytes.from_tokenizer(nfkc_tok).encode("\ufb01")
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_tokenizers_without_normaliser_have_no_normal_form(case_of, name):
+    assert case_of(name).tb.normal_forms == ()
+
+
+def test_unicode_normal_forms_are_named(nfkc_tok, train_texts):
+    """The forms `data.normalize` can neutralise, read from each kind of tokenizer."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bld_scale.tokenize.zoo import train_sentencepiece
+
+    assert TokenBytes.from_tokenizer(nfkc_tok).normal_forms == ("NFKC",)
+    sp = train_sentencepiece(train_texts, 400, normalization_rule_name="nmt_nfkc")
+    assert TokenBytes.from_tokenizer(sp).normal_forms == ("NFKC",)
+    assert sp.decode(sp.encode("\ufb01ne")) == "fine"  # it does rewrite the ligature
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+
+    def hf(normalizer):
+        tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+    charsmap = normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
+    assert charsmap.normalize_str("\ufb01") == "fi"
+    assert TokenBytes.from_tokenizer(hf(charsmap)).normal_forms == ("NFKC",)
+    both = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.NFD()])
+    assert TokenBytes.from_tokenizer(hf(both)).normal_forms == ("NFD",)
+    assert TokenBytes.from_tokenizer(hf(normalizers.Lowercase())).normal_forms == ()
+
+
 @pytest.mark.parametrize("name", ["mistral_sp", "mistral_hf", "sp", "gemma_sp", "gemma_hf"])
 def test_literal_metaspace_is_refused(case_of, name):
     tb = case_of(name).tb

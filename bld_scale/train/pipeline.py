@@ -25,7 +25,8 @@ from bld_scale.checkpoint import (CheckpointManager, folder_bytes, install_stop_
                                   prepare_run_directory, read_meta, run_identity)
 from bld_scale.config import Recipe, save_resolved
 from bld_scale.data.batch import PairTokenizer, collate
-from bld_scale.data.sources import WindowStream, heldout_windows, load_documents, rank_share
+from bld_scale.data.normalize import check_normal_forms
+from bld_scale.data.sources import WindowStream, heldout_windows, open_corpus, rank_share
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
 from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, write_student_files
@@ -50,6 +51,7 @@ class Pipeline:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
             else torch.device("cpu")
         seed_everything(recipe.seed)  # same initial student on every rank
+        self.corpus = open_corpus(recipe.data, log=self.log)  # bad data is refused before any model loads
         out = Path(recipe.output_dir)
         self.ckpt = CheckpointManager(recipe.checkpoint_dir, self.rank, self.world, recipe.checkpoint.keep,
                                       recipe.checkpoint.interval)
@@ -69,6 +71,8 @@ class Pipeline:
         self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
         teacher_vocab_size = self.teacher.module.config.get_text_config().vocab_size
         self.sides = setup_tokenizers(recipe, teacher_vocab_size, log=self.log)
+        check_normal_forms([("data.train", self.corpus.train), ("data.heldout", self.corpus.heldout)],
+                           [self.sides.teacher_vocab, self.sides.student_vocab], recipe.data.normalize, log=self.log)
         student = setup_student(recipe, len(self.sides.student_tok))
         self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
@@ -79,9 +83,8 @@ class Pipeline:
         self.student = build_student_engine(student, recipe, student_cfg)
         self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
         data = recipe.data
-        self.stream = WindowStream(load_documents(data.train, data.format, data.text_field, data.streaming),
-                                   data.window_bytes, recipe.seed)
-        heldout = load_documents(data.heldout, data.format, data.text_field, False) if data.heldout else []
+        self.stream = WindowStream(self.corpus.train, data.window_bytes, recipe.seed, log=self.log)
+        heldout = self.corpus.heldout
         n_eval = max(self.world, EVAL_WINDOWS - EVAL_WINDOWS % self.world)
         eval_windows = heldout_windows(heldout, data.window_bytes, n_eval)
         eval_windows = eval_windows[: len(eval_windows) - len(eval_windows) % self.world]
@@ -191,7 +194,8 @@ class Pipeline:
             # decided before this step's record is written: a signal seen after it lands in the next step
             stop = self._agree_stop()
             if step % t.log_interval == 0 or step == t.max_steps:
-                record = {**window.close(self._all_sum), "data_position": self.stream.position, "lr": lr}
+                record = {**window.close(self._all_sum), "data_position": self.stream.position,
+                          "epoch": self.stream.epoch, "lr": lr}
                 self.metrics.log(step, "train", record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             if t.eval_interval and step % t.eval_interval == 0 and step != t.max_steps:

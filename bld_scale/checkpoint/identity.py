@@ -7,9 +7,9 @@ Fingerprint rules (the rule a fingerprint was made with is saved beside it, "fin
 - 2 (this version): the files that define a model or tokenizer (`MODEL_FILES`): weights, configs,
   tokenizer files. A README, a license or a training log added to the folder changes nothing.
 - 1 (checkpoints saved before the rule was recorded): every file of the folder. Such a checkpoint
-  is compared like with like: rule 1 is recomputed on this run's folder, over all its files and
-  over its model files only (the folder may have gained a README since), and either matching is a
-  match: equal hashes mean the files hashed are the same.
+  is compared like with like: rule 1 is recomputed on this run's folder, over all its files and,
+  failing that, over all but some of its non-model files (the folder may have gained a README
+  since); any match is a match: equal hashes mean the files hashed now are those hashed then.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def _hash_file(path: Path, h) -> None:
 
 
 FINGERPRINT_RULE = 2
+RULE_1_SUBSETS = 5  # rule-1 comparisons try leaving out any of up to this many non-model files
 # What defines a model or a tokenizer: weights (and their shard indexes), configs, tokenizer files.
 MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json", "config.json",
                "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -75,13 +76,42 @@ def fingerprint(path: str | os.PathLike, rule: int = FINGERPRINT_RULE) -> str:
     return _digest(files)
 
 
-def _rule_1_fingerprints(path: str | os.PathLike) -> set[str]:
-    """What a rule-1 checkpoint may have recorded for this folder: all files, or the model files."""
+class _Parts:
+    """Collects what `_hash_file` feeds a hash, so that several file sets hash without rereading."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+
+    def update(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+
+def _rule_1_matches(path: str | os.PathLike, saved: str) -> bool:
+    """Whether rule 1 over some of this folder's files gives `saved`: all of them, or all but some
+    files that do not define the model (a README added since; up to 2**RULE_1_SUBSETS sets tried).
+    Sound whichever set matches: equal hashes mean the files hashed now are the files hashed then,
+    model files included."""
     p = Path(path)
-    if p.is_file():
-        return {_digest([p])}
-    files = _folder_files(p)
-    return {_digest(files), _digest([f for f in files if is_model_file(f.name)] or files)}
+    files = [p] if p.is_file() else _folder_files(p)
+    parts = {}
+    for f in files:
+        collect = _Parts()
+        _hash_file(f, collect)
+        parts[f] = collect.chunks
+    others = [f for f in files if not is_model_file(f.name)] if not p.is_file() else []
+    if len(others) > RULE_1_SUBSETS:
+        leave_out_sets = [[], others]
+    else:
+        leave_out_sets = [[f for i, f in enumerate(others) if mask >> i & 1] for mask in range(2 ** len(others))]
+    for leave_out in leave_out_sets:
+        h = hashlib.sha256()
+        for f in files:
+            if f not in leave_out:
+                for chunk in parts[f]:
+                    h.update(chunk)
+        if h.hexdigest()[:16] == saved:
+            return True
+    return False
 
 
 def same_content(saved: dict, current: dict) -> bool:
@@ -91,7 +121,7 @@ def same_content(saved: dict, current: dict) -> bool:
     if rule == current.get("fingerprint_rule", FINGERPRINT_RULE):
         return saved.get("fingerprint") == current["fingerprint"]
     if rule == 1 and Path(current["path"]).exists():
-        return saved.get("fingerprint") in _rule_1_fingerprints(current["path"])
+        return _rule_1_matches(current["path"], saved.get("fingerprint"))
     return False
 
 
@@ -125,7 +155,7 @@ def identity_problems(saved: dict, current: dict) -> list[str]:
         if not same_content(a, b):
             rule = a.get("fingerprint_rule", 1)
             how = "" if rule == b.get("fingerprint_rule", FINGERPRINT_RULE) else \
-                f"; compared under the checkpoint's fingerprint rule {rule}"
+                f"; the checkpoint's is of fingerprint rule {rule} (every file), recomputed so here: no match"
             problems.append(f"{what}: the checkpoint was made with {a.get('path')} (fingerprint "
                             f"{a.get('fingerprint')}), this run has {b['path']} (fingerprint {b['fingerprint']}{how})")
     a, b = saved.get("student_model", {}), current["student_model"]

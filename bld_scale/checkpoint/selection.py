@@ -42,10 +42,11 @@ def _candidates(root: Path, named: str | None) -> tuple[list[Path], str | None]:
     """The folders to try, newest first, and why `latest` itself is not simply taken (None: it is)."""
     folders = step_folders(root)
     pointer = root / LATEST
+    there = ", ".join(f.name for f in folders) or "none"
     if named is None:
-        return folders[::-1], f"{pointer} is missing"
+        return folders[::-1], f"{pointer} is missing (step folders: {there})"
     if not is_step_name(named):
-        return folders[::-1], f"{pointer} holds {named!r}, not a step folder's name"
+        return folders[::-1], f"{pointer} holds {named!r}, not a step folder's name (step folders: {there})"
     below = [f for f in folders[::-1] if step_of(f) < int(named[len("step-"):])]
     if (root / named).is_dir():
         return [root / named] + below, None
@@ -67,7 +68,7 @@ def choose_checkpoint(root: str | Path, verify: Verify) -> Choice:
             continue
         notes = [f"checkpoint {folder.name} verified ({verdict.checked})"]
         if why or rejected:
-            reasons = ([why] if why else []) + [f"{v.step_dir.name} is damaged: " + "; ".join(v.problems)
+            reasons = ([why] if why else []) + [f"checkpoint {v.step_dir} is damaged: " + "; ".join(v.problems)
                                                for v in rejected]
             which = "newest" if named is None or not is_step_name(named) else "newest earlier"
             moved = "".join(f"; {v.step_dir.name} is moved aside to {v.step_dir.name}{BAD_SUFFIX} (delete it "

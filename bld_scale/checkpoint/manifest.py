@@ -48,10 +48,10 @@ def checkpoint_files(step_dir: Path) -> list[str]:
 
 def owner(rel: str, world: int) -> int:
     """The rank that hashes `rel`: the rank in its name (DeepSpeed's `zero_pp_rank_3_...`, our
-    `rng/rank-00003.pt`), or rank 0 for shared files and ranks this world does not have."""
+    `rng/rank-00003.pt`; modulo `world` when the checkpoint was saved by more ranks), or rank 0
+    for the shared files."""
     found = _RANK_IN_NAME.search(rel.rsplit("/", 1)[-1])
-    rank = int(found.group(1)) if found else 0
-    return rank if rank < world else 0
+    return int(found.group(1)) % world if found else 0
 
 
 def hash_file(path: Path, sync: bool = False) -> dict:

@@ -85,7 +85,7 @@ def test_a_save_writes_a_manifest_of_every_file_with_its_size_and_sha256(run_dir
 @pytest.mark.parametrize("name, world, rank", [
     ("ds/zero_pp_rank_3_mp_rank_00_optim_states.pt", 8, 3),
     ("ds/bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt", 16, 12),
-    ("ds/zero_pp_rank_3_mp_rank_00_model_states.pt", 2, 0),  # saved by more ranks than this run has
+    ("ds/zero_pp_rank_3_mp_rank_00_model_states.pt", 2, 1),  # saved by more ranks than this run has
     ("rng/rank-00005.pt", 8, 5),
     ("meta.json", 8, 0), ("zero_to_fp32.py", 8, 0), ("student/tokenizer.json", 8, 0),
 ])

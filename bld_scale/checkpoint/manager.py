@@ -7,10 +7,12 @@ What it saves (layout: `checkpoint.files`): the student engine through DeepSpeed
 "rng" entry per rank in `rng/rank-N.pt`, the rest, JSON, in meta.json with the run's description
 (`checkpoint.meta`). When: every `interval` steps, on a stop request, and at the end of the run.
 
-Atomicity: every rank writes into `tmp-step-N/`; after a barrier rank 0 writes meta.json, renames
-the folder to `step-N/` and only then points `latest` at it (write to `latest.tmp`, fsync,
-os.replace). A crash at any point leaves the previous `latest` current; stale `tmp-step-*`
-folders are removed by the next run. The last `keep` complete checkpoints are kept.
+Atomicity: every rank writes into `tmp-step-N/`; after a barrier rank 0 writes meta.json; then
+every rank hashes (and fsyncs) the files it wrote, rank 0 writes manifest.json from all of them
+(`checkpoint.manifest`), renames the folder to `step-N/` and only then points `latest` at it
+(write to `latest.tmp`, fsync, os.replace). A crash at any point leaves the previous `latest`
+current; stale `tmp-step-*` folders are removed by the next run. The last `keep` complete
+checkpoints are kept.
 
 torch and DeepSpeed are imported when called, so that importing this module stays light.
 """
@@ -23,7 +25,8 @@ from pathlib import Path
 
 from bld_scale.checkpoint.errors import ResumeError
 from bld_scale.checkpoint.files import (DS_TAG, LATEST, META, STEP_PREFIX, STUDENT_FILES, TMP_PREFIX,
-                                        UNIVERSAL_TAG, fsync_dir, rng_file, step_of, write_atomic)
+                                        UNIVERSAL_TAG, fsync_dir, is_step_name, rng_file, step_of, write_atomic)
+from bld_scale.checkpoint.manifest import checkpoint_files, hash_files, owner, write_manifest
 from bld_scale.checkpoint.meta import compose_meta, read_meta
 
 
@@ -70,8 +73,7 @@ class CheckpointManager:
     def complete_steps(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-                 and p.name[len(STEP_PREFIX):].isdigit() and (p / META).is_file()]
+        found = [p for p in self.root.iterdir() if p.is_dir() and is_step_name(p.name) and (p / META).is_file()]
         return sorted(found, key=step_of)
 
     def remove_partial(self) -> None:
@@ -118,6 +120,10 @@ class CheckpointManager:
                 write_student_files(tmp / STUDENT_FILES)
             meta = compose_meta(step, self.world, state, run)
             write_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
+        self._barrier()  # meta.json and the student files are written
+        entries = self._hash_own_files(tmp)
+        if self.rank == 0:
+            write_manifest(tmp, entries)
             if final.exists():  # a folder of this step that `latest` does not name: an older attempt
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -127,6 +133,21 @@ class CheckpointManager:
         self._barrier()
         self.last_saved = step
         return final
+
+    def _hash_own_files(self, folder: Path) -> dict:
+        """Every rank hashes and fsyncs the files it owns (`manifest.owner`: those it wrote); rank 0
+        gets them all, and hashes any file no rank reported (e.g. one it alone sees)."""
+        rels = checkpoint_files(folder)
+        entries = hash_files(folder, [r for r in rels if owner(r, self.world) == self.rank], sync=True)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, entries)
+            entries = {k: v for share in gathered for k, v in share.items()}
+        if self.rank == 0:
+            entries.update(hash_files(folder, [r for r in rels if r not in entries], sync=True))
+        return entries
 
     def _prune(self, current: Path) -> None:
         steps = self.complete_steps()

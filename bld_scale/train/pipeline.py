@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bld_scale.checkpoint import (CheckpointManager, folder_bytes, install_stop_handlers, metrics_bytes,
+from bld_scale.checkpoint import (CheckpointManager, cut_metrics, folder_bytes, install_stop_handlers, metrics_bytes,
                                   prepare_run_directory, read_meta, run_identity)
 from bld_scale.config import Recipe, save_resolved
 from bld_scale.data.batch import PairTokenizer, collate
@@ -56,9 +56,9 @@ class Pipeline:
         self.ckpt = CheckpointManager(recipe.checkpoint_dir, self.rank, self.world, recipe.checkpoint.keep,
                                       recipe.checkpoint.interval)
         self.identity = run_identity(recipe, student_config_dict(recipe)) if self.rank == 0 else None
-        # resume / fresh / refuse: rank 0 decides, and only then touches the folder
+        # resume / fresh / refuse: rank 0 decides (every rank verifies its share), and only then touches the folder
         self.resume_dir = prepare_run_directory(out, self.ckpt, self.identity, recipe.train.max_steps, fresh,
-                                                self.rank, self.world)
+                                                self.rank, self.world, log=self.log)
         self.resumed = read_meta(self.resume_dir) if self.resume_dir is not None else None
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +93,8 @@ class Pipeline:
         if self.resumed is not None:
             t0 = time.perf_counter()
             rng_from = self.ckpt.load(self.resume_dir, self.student, self)  # the engine, then this run's state
+            if self.rank == 0:  # only now: a load that fails leaves metrics.jsonl whole
+                cut_metrics(out, self.resumed["run"].get("metrics_bytes"))
             how = f"universal checkpoint, saved with {self.resumed['world_size']} ranks" if universal \
                 else "same world size"
             self.log(f"resumed from {self.resume_dir} at step {self.state.step} ({how}; data position "

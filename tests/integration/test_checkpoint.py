@@ -1,6 +1,6 @@
 """Checkpointing with real processes (torchrun, 2 ranks on CPU, gloo), no mocks.
 
-Five launches are shared by every test here (module-scoped; ~5-6 min on 2 shared cores):
+Seven launches are shared by every test here (module-scoped; ~6-7 min on 2 shared cores):
 - `straight`: 2 ranks straight to step 8, saving every 3 steps (3, 6 and the end, 8; keep 2). It
   starts with --fresh in a folder seeded with a fake earlier run, which must be discarded.
 - `preempted`: the same run; when step 3's record appears the test sends SIGUSR1 to rank 0 and
@@ -10,7 +10,14 @@ Five launches are shared by every test here (module-scoped; ~5-6 min on 2 shared
   grad_accum 2: the same global batch) through DeepSpeed's universal checkpoint, recording the
   engine's logits on a fixed batch right after loading (tests/scripts/resume_probe.py).
 - `old_format`: a copy of `straight` pointed back at step-6 whose meta.json is rewritten in the
-  layout bld_scale wrote before format 2 resumes on 2 ranks to step 8.
+  layout bld_scale wrote before format 2 (and without the manifest, which came later) resumes on 2
+  ranks to step 8.
+- `damaged_latest`: a copy of `straight` whose latest checkpoint (step-8) has the end of rank 1's
+  optimizer shard overwritten (same size: only its checksum, which rank 1 recomputes, tells;
+  unchecked, torch fails on it with "PytorchStreamReader failed reading zip archive"); the same
+  command falls back to step-6 and trains steps 7-8 again.
+- `latest_deleted`: a copy of `straight` without checkpoints/latest; the same command resumes the
+  newest checkpoint, step-8 (the run is complete: it redoes only the closing steps).
 - tools/export_hf.py on `straight`'s step-6 (2-rank shards) must give those logits.
 
 Tolerances: same world size, resumed vs straight: rel 1e-6 (seen: bit-identical). 2 ranks -> 1
@@ -132,7 +139,36 @@ def old_format(straight, tmp_path_factory):
     (out / "checkpoints" / "latest").write_text("step-6\n")
     meta = out / "checkpoints" / "step-6" / "meta.json"
     meta.write_text(json.dumps(as_format_1(json.loads(meta.read_text())), indent=2))
+    (out / "checkpoints" / "step-6" / "manifest.json").unlink()  # format 1 had none
     return out, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
+
+
+RANK_1_SHARD = "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module")
+def damaged_latest(straight, tmp_path_factory):
+    src, _, _ = straight
+    out = tmp_path_factory.mktemp("damaged_latest")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    shard = out / "checkpoints" / "step-8" / RANK_1_SHARD
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:  # the zip directory at the end: zeros, same size
+        f.seek(size - 65536)
+        f.write(bytes(65536))
+    assert shard.stat().st_size == size
+    before = records(out, "summary")
+    return out, before, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
+
+
+@pytest.fixture(scope="module")
+def latest_deleted(straight, tmp_path_factory):
+    src, _, _ = straight
+    out = tmp_path_factory.mktemp("latest_deleted")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    (out / "checkpoints" / "latest").unlink()
+    metrics = (out / "metrics.jsonl").read_text()
+    return out, metrics, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
 
 
 # ------------------------------------------------------------------------------------- saving
@@ -218,6 +254,46 @@ def test_a_checkpoint_in_the_previous_format_resumes_exactly(straight, old_forma
     _same(records(out), records(ref), rel=1e-6)
     assert [r["step"] for r in records(out)] == list(range(1, 9))
     assert json.loads((out / "checkpoints" / "step-8" / "meta.json").read_text())["format"] == 2
+
+
+# ------------------------------------------------------------------------------------- damage
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one_exactly(straight, damaged_latest):
+    """Rank 1's shard of step-8 damaged: the run resumes step-6 and logs what straight logged."""
+    ref, _, _ = straight
+    out, summary_before, log = damaged_latest
+    root = out / "checkpoints"
+    assert (f"checkpoint {root / 'step-8'} is damaged: {RANK_1_SHARD}: content differs from the manifest" in log)
+    assert "Resuming from step-6, the newest earlier checkpoint that verifies; step-8 is moved aside" in log
+    assert f"resumed from {root / 'step-6'} at step 6 (same world size" in log
+    _same(records(out), records(ref), rel=1e-6)  # steps 1-6 kept, 7-8 trained again: each once
+    assert len(summary_before) == 1 and records(out, "summary") == records(ref, "summary")
+    assert _steps(out) == ["step-6", "step-8", "step-8.bad"] and _latest(out) == "step-8"
+    from bld_scale.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(root / "step-8").ok  # saved again, whole
+
+
+def test_a_deleted_latest_resumes_the_newest_checkpoint(latest_deleted):
+    out, metrics_before, log = latest_deleted
+    root = out / "checkpoints"
+    assert f"{root / 'latest'} is missing (step folders: step-6, step-8)" in log
+    assert "Resuming from step-8, the newest checkpoint that verifies; latest now names step-8" in log
+    assert f"resumed from {root / 'step-8'} at step 8" in log
+    assert _latest(out) == "step-8" and _steps(out) == ["step-6", "step-8"]
+    assert (out / "metrics.jsonl").read_text() == metrics_before  # the closing records, written again alike
+
+
+def test_when_no_checkpoint_verifies_the_run_is_refused_and_metrics_keep_their_records(straight, tmp_path):
+    src, _, _ = straight
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    for step in ("step-6", "step-8"):
+        with open(out / "checkpoints" / step / "meta.json", "r+b") as f:
+            f.truncate(100)
+    before = (out / "metrics.jsonl").read_bytes()
+    err = _refused(out)
+    assert "no checkpoint in" in err and "step-8: meta.json: 100 bytes, the manifest says" in err and "--fresh" in err
+    assert (out / "metrics.jsonl").read_bytes() == before and len(records(out, "summary")) == 1
 
 
 # ------------------------------------------------------------------------------------- refusals

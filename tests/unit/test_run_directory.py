@@ -1,16 +1,19 @@
 """The run directory policy (resume / fresh / refuse) on real folders; no ranks, no DeepSpeed.
 
-Checkpoints here are step folders holding only meta.json: the policy reads nothing else.
+Checkpoints here are step folders holding meta.json, fake shards (random bytes) and the manifest
+a save writes: the policy reads meta.json, and verifies the files against the manifest.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from bld_scale.checkpoint import CheckpointManager, ResumeError, prepare_run_directory, run_identity
+from bld_scale.checkpoint import CheckpointManager, ResumeError, cut_metrics, prepare_run_directory, run_identity
+from bld_scale.checkpoint.manifest import checkpoint_files, hash_files, write_manifest
 from bld_scale.checkpoint.meta import compose_meta
 from bld_scale.checkpoint.run_directory import carry_out, decide
 
@@ -38,6 +41,10 @@ def _checkpoint(out: Path, step: int, identity: dict, metrics_bytes: int, point_
              "evals_before": {"teacher": None, "student_bpb": None}}
     run = {"identity": identity, "recipe": {}, "student_parameters": 1, "metrics_bytes": metrics_bytes}
     (folder / "meta.json").write_text(json.dumps(compose_meta(step, 2, state, run)))
+    (folder / "ds").mkdir()
+    for rank in range(2):
+        (folder / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(3000 + step))
+    write_manifest(folder, hash_files(folder, checkpoint_files(folder)))
     if point_latest:
         (out / "checkpoints" / "latest").write_text(f"step-{step}\n")
     return folder
@@ -69,15 +76,19 @@ def test_records_of_an_attempt_that_died_before_its_first_step_are_dropped(tmp_p
 
 
 # ------------------------------------------------------------------------------------ resume
-def test_a_checkpoint_is_resumed_and_metrics_cut_back_to_its_length(tmp_path, identity):
+def test_a_checkpoint_is_resumed_and_metrics_cut_back_to_its_length_once_loaded(tmp_path, identity):
     kept = _record(0, "eval") + _record(1) + _record(2) + _record(3)
-    (tmp_path / "metrics.jsonl").write_text(kept + _record(4) + _record(5))  # 4, 5 ran after the save
+    later = _record(4) + _record(5)  # 4, 5 ran after the save
+    (tmp_path / "metrics.jsonl").write_text(kept + later)
     step3 = _checkpoint(tmp_path, 3, identity, metrics_bytes=len(kept.encode()))
     (tmp_path / "checkpoints" / "tmp-step-6").mkdir()  # a save that crashed
     assert _prepare(tmp_path, identity) == step3
-    assert (tmp_path / "metrics.jsonl").read_text() == kept
     assert not (tmp_path / "checkpoints" / "tmp-step-6").exists()
     assert step3.is_dir()
+    # not cut yet: a load that fails must not lose records (the pipeline cuts after loading)
+    assert (tmp_path / "metrics.jsonl").read_text() == kept + later
+    cut_metrics(tmp_path, len(kept.encode()))
+    assert (tmp_path / "metrics.jsonl").read_text() == kept
 
 
 def test_latest_names_the_checkpoint_not_the_highest_step(tmp_path, identity):
@@ -137,6 +148,7 @@ def test_a_checkpoint_of_an_unknown_format_is_refused_saying_what_to_do(tmp_path
     step3 = _checkpoint(tmp_path, 3, identity, 0)
     meta = json.loads((step3 / "meta.json").read_text())
     (step3 / "meta.json").write_text(json.dumps({**meta, "format": 99}))
+    write_manifest(step3, hash_files(step3, checkpoint_files(step3)))  # whole, as its writer left it
     with pytest.raises(ResumeError) as err:
         _prepare(tmp_path, identity)
     assert "format 99" in str(err.value) and "--fresh" in str(err.value) and "version" in str(err.value)

@@ -139,7 +139,7 @@ def test_the_manager_saves_the_state_atomically_and_loads_it_back(tmp_path):
     original = _midway()
     folder = _save(tmp_path, original)
     assert folder == tmp_path / "step-3" and (tmp_path / "latest").read_text() == "step-3\n"
-    assert sorted(p.name for p in folder.iterdir()) == ["ds", "meta.json", "rng", "student"]
+    assert sorted(p.name for p in folder.iterdir()) == ["ds", "manifest.json", "meta.json", "rng", "student"]
     assert [p.name for p in (folder / "rng").iterdir()] == ["rank-00000.pt"]
     assert not list(tmp_path.glob("tmp-*"))
     meta = json.loads((folder / "meta.json").read_text())
@@ -171,6 +171,7 @@ def test_a_format_1_checkpoint_loads_as_the_same_state(tmp_path):
     folder = _save(tmp_path, original)
     current = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps(as_format_1(current)))
+    current.pop("manifest")  # format 1 had no manifest
     assert read_meta(folder) == current  # converted to the layout this version writes
     expected = _go_on(original)
     random.seed(99), np.random.seed(99), torch.manual_seed(99)

@@ -100,6 +100,8 @@ class DataConfig:
     heldout: list[str] = _paths("held-out files for bits per byte; empty: no evaluation")
     window_bytes: int = _opt(2048, "bytes of text per training sequence")
     streaming: bool = _opt(False, "read data.train lazily instead of loading it all first")
+    pack: bool = _opt(False, "lay each micro-batch's windows end to end in one row per model, without "
+                             "padding; attention and position ids restart at each window (same losses)")
 
 
 @dataclass

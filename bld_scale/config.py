@@ -108,6 +108,8 @@ class DataConfig:
     normalize: str = _choice("none", ("none", "nfc", "nfkc", "nfd", "nfkd"),
                              "Unicode-normalise the text before both tokenizers (nfkc lets a tokenizer "
                              "with an NFKC normaliser stay byte-exact); none: the text as stored")
+    pack: bool = _opt(False, "lay each micro-batch's windows end to end in one row per model, without "
+                             "padding; attention and position ids restart at each window (same losses)")
 
 
 @dataclass

@@ -78,11 +78,9 @@ def student_nll_sums(student, batch) -> tuple[float, int]:
     """Summed token NLL (nats) of the student over the batch's text, and the text's bytes.
 
     `student` returns `(token_logits, byte_logits)` (a `Student` or an engine around one);
-    `batch` is a `DistillBatch`.
+    `batch` is a `DistillBatch` (padded or packed).
     """
-    token_logits, _ = student(input_ids=batch.student_input_ids,
-                              attention_mask=batch.student_attention_mask,
-                              prev_bytes=batch.byte_targets)
+    token_logits, _ = student(**batch.student_inputs(), prev_bytes=batch.byte_targets)
     nll = token_ce(token_logits, batch.student_labels, reduction="sum")
     return float(nll), int(batch.n_text_bytes.sum())
 
@@ -108,8 +106,9 @@ def teacher_nll_sums(teacher_forward: TeacherForward, batch, vocab: TokenBytes, 
     sums = TeacherNllSums() if into is None else into
     for b, ids in enumerate(batch.teacher_ids):
         data = b"".join(vocab.token_bytes(i) for i in ids)
-        sums.token_nll += token_nll(logprobs[b, : len(ids) + 1], ids)
-        sums.byte_nll += byte_nll(q[b, : len(data) + 1], data)
+        row, t0, r0 = batch.window_origin(b)  # (b, 0, 0) padded; the window's slices when packed
+        sums.token_nll += token_nll(logprobs[row, t0: t0 + len(ids) + 1], ids)
+        sums.byte_nll += byte_nll(q[row, r0: r0 + len(data) + 1], data)
         sums.n_bytes += float(batch.n_text_bytes[b])
     return sums
 

@@ -4,6 +4,9 @@ Modes (docs/byte-interface.md): "cover" and "within_token" read one teacher forw
 (`bld_scale.convert.one_pass`); "exact" also runs tree-masked forwards of the teacher model
 (`bld_scale.convert.exact`). Everything that needs teacher byte distributions (the training step,
 the evaluation, the tools) comes here with the mode as a string.
+
+A packed batch (`bld_scale.data.packing`) is converted window by window on each window's slice
+of the packed log-probabilities, so its targets are the padded batch's rows laid end to end.
 """
 from __future__ import annotations
 
@@ -14,12 +17,15 @@ import torch
 from bld_scale.convert.byte_rows import pad_byte_rows
 from bld_scale.convert.exact import BATCH_CHUNK_TOKENS, byte_logprobs_exact, exact_byte_targets
 from bld_scale.convert.one_pass import byte_logprobs_one_pass
+from bld_scale.data.packing import padded_teacher_view
 from bld_scale.tokenize.token_bytes import TokenBytes
 
 MODES = ("cover", "within_token", "exact")
 # Modes whose targets come from the one teacher forward over the canonical tokens alone.
 ONE_PASS_MODES = ("cover", "within_token")
-TeacherForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# `(input_ids, attention_mask)`, or `(input_ids, None, position_ids)` for a packed batch (which
+# the callable must forward with use_cache=False: see bld_scale.data.packing) -> logits.
+TeacherForward = Callable[..., torch.Tensor]
 
 
 def check_mode(mode: str) -> None:
@@ -65,14 +71,39 @@ def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vo
     return pad_byte_rows(rows)
 
 
+def byte_logprobs_packed(logprobs: torch.Tensor, batch, vocab: TokenBytes, *, eos_id: int | None = None,
+                         mode: str = "cover") -> tuple[torch.Tensor, torch.Tensor]:
+    """`byte_logprobs` of each window of a packed batch, on its own slice of the packed row.
+
+    logprobs: `[1, T, V]` over the packed teacher row. Returns `(out [1, R, 257], mask [1, R])`,
+    the windows' rows end to end (`batch.packing.byte_row_bounds`).
+    """
+    bounds = batch.packing.teacher_bounds
+    rows = [byte_logprobs(logprobs[0, bounds[b]:bounds[b + 1]], ids, vocab, eos_id=eos_id, mode=mode)
+            for b, ids in enumerate(batch.teacher_ids)]
+    return _end_to_end(rows, batch)
+
+
+def _end_to_end(rows, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.cat(list(rows), dim=0).unsqueeze(0)
+    if out.shape[1] != batch.packing.byte_row_bounds[-1]:  # the layout's rows must be the conversion's
+        raise RuntimeError(f"the packed windows' conversions have {out.shape[1]} byte rows but their layout "
+                           f"expects {batch.packing.byte_row_bounds[-1]}")
+    return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+
+
 def teacher_token_logprobs(teacher_forward: TeacherForward, batch) -> torch.Tensor:
     """The teacher's one-pass `[B, L_max + 1, V]` token log-probabilities (float32) over a batch.
 
     `teacher_forward(input_ids, attention_mask)` returns logits (or an output with `.logits`);
-    `batch` needs `teacher_input_ids` and `teacher_attention_mask`.
+    `batch` needs `teacher_input_ids` and `teacher_attention_mask`. A packed batch gives `[1, T, V]`
+    from `teacher_forward(input_ids, None, position_ids)`.
     """
+    packing = getattr(batch, "packing", None)
+    args = (batch.teacher_input_ids, batch.teacher_attention_mask) if packing is None else \
+        (batch.teacher_input_ids, None, packing.teacher_position_ids)
     with torch.no_grad():
-        logits = teacher_forward(batch.teacher_input_ids, batch.teacher_attention_mask)
+        logits = teacher_forward(*args)
         logits = getattr(logits, "logits", logits)
         return torch.log_softmax(logits.float(), dim=-1)
 
@@ -88,7 +119,7 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
                          exact_chunk_tokens: int = BATCH_CHUNK_TOKENS,
                          agree_forwards: Callable[[int], int] | None = None,
                          with_token_logprobs: bool = False) -> TeacherTargets:
-    """The teacher's next-byte targets of a padded batch, for any conversion mode.
+    """The teacher's next-byte targets of a padded (or packed) batch, for any conversion mode.
 
     batch: anything with `teacher_input_ids`, `teacher_attention_mask` (`[B, L_max + 1]`, BOS
       first) and `teacher_ids` (B lists of canonical tokens), e.g. a `DistillBatch`.
@@ -101,8 +132,11 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
     with_token_logprobs: make the one-pass forward in mode "exact" too (before the tree
       forwards), for callers that also need the teacher's token log-probabilities.
     Returns `TeacherTargets(byte_logprobs, mask, token_logprobs)`; `token_logprobs` is None when
-    no one-pass forward was made.
+    no one-pass forward was made. A packed batch (`batch.packing` set) gives `[1, R, 257]` / `[1, T, V]`
+    (its windows end to end); mode "exact" then makes its tree forwards window by window, as for a
+    padded batch.
     """
+    packed = getattr(batch, "packing", None) is not None
     check_mode(conversion)
     logprobs = None
     if conversion in ONE_PASS_MODES or with_token_logprobs:
@@ -112,8 +146,14 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
     if conversion == "exact":
         if teacher_model is None:
             raise ValueError("conversion 'exact' needs the teacher model (teacher_model=...)")
-        q, mask = exact_byte_targets(teacher_model, batch, vocab, eos_id, max_tokens=exact_chunk_tokens,
+        view = padded_teacher_view(batch) if packed else batch
+        q, mask = exact_byte_targets(teacher_model, view, vocab, eos_id, max_tokens=exact_chunk_tokens,
                                      agree_forwards=agree_forwards)
+        if packed:
+            lengths = mask.sum(dim=1).tolist()
+            q, mask = _end_to_end((q[b, :n] for b, n in enumerate(lengths)), batch)
+    elif packed:
+        q, mask = byte_logprobs_packed(logprobs, batch, vocab, eos_id=eos_id, mode=conversion)
     else:
         q, mask = byte_logprobs_batch(logprobs, batch.teacher_ids, vocab, eos_id=eos_id, mode=conversion)
     return TeacherTargets(q, mask, logprobs)

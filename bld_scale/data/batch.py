@@ -1,4 +1,4 @@
-"""Text -> both tokenizations with byte spans -> windows -> padded `DistillBatch`.
+"""Text -> both tokenizations with byte spans -> windows -> padded (or packed) `DistillBatch`.
 
 Everything is keyed by byte offsets of the window's UTF-8 text: the student's byte-head slots
 and the teacher's byte rows meet at the same offset, whatever the two tokenizers did. Conventions
@@ -6,6 +6,10 @@ and the teacher's byte rows meet at the same offset, whatever the two tokenizers
 sees `[BOS_s] + u_1..u_{J-1}` and predicts `u_1..u_J`; byte slot i of student position j targets
 text offset `a_j + i` while `i < min(K, b_j - a_j)`; that offset is teacher byte row
 `offset + shift` (shift = 1 under a dummy-prefix teacher).
+
+Two layouts of the same windows: `collate` pads them into one row per window (B rows, attention
+masks); `bld_scale.data.packing.pack` concatenates them into ONE row per model without padding
+(`DistillBatch.packing` set, masks None, position ids restarting at each window's BOS).
 """
 from __future__ import annotations
 
@@ -94,32 +98,96 @@ class PairTokenizer:
 
 
 @dataclass
+class PackedLayout:
+    """Where each of the B windows of a packed `DistillBatch` sits in its one row.
+
+    `*_bounds` hold B + 1 increasing offsets: window b is `[bounds[b], bounds[b + 1])`. Teacher
+    rows are `[BOS] + t_1..t_L` of each window (L + 1 each), student positions `[BOS_s] +
+    u_1..u_{J-1}` (J each), byte rows the windows' conversions laid end to end (each
+    `len(text) + shift + 1` rows, as `bld_scale.convert` returns them for that window alone).
+    """
+
+    teacher_position_ids: torch.Tensor  # [1, T]: 0..L per window
+    student_position_ids: torch.Tensor  # [1, S]: 0..J-1 per window
+    student_window: torch.Tensor  # [1, S]: the window of each student position
+    byte_row_base: torch.Tensor  # [B]: first packed byte row of each window
+    teacher_bounds: list[int]
+    student_bounds: list[int]
+    byte_row_bounds: list[int]
+
+    def to(self, device) -> "PackedLayout":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return PackedLayout(**moved)
+
+
+@dataclass
 class DistillBatch:
+    """Padded (`collate`: B rows) or packed (`packing.pack`: one row, `packing` set) windows.
+
+    Shapes below are the padded layout's; a packed batch has one row of T = sum(L_b + 1) teacher
+    and S = sum(J_b) student positions in their place, attention masks None (the forwards get
+    position ids instead: `student_inputs`, `convert.dispatch.teacher_token_logprobs`), per-window fields
+    (`teacher_ids`, `teacher_shift`, `n_text_bytes`) still per window. Offsets stay the window's
+    own text offsets in both layouts.
+    """
+
     teacher_input_ids: torch.Tensor  # [B, L_max + 1]: BOS + canonical teacher tokens
-    teacher_attention_mask: torch.Tensor
+    teacher_attention_mask: torch.Tensor | None
     teacher_ids: list  # B lists of canonical teacher tokens (for the conversion)
     teacher_shift: torch.Tensor  # [B]: teacher byte row = text offset + shift
     teacher_starts: torch.Tensor  # [B, L_max + 1]: text offset each teacher row predicts from (-1 pad)
     student_input_ids: torch.Tensor  # [B, J_max]: BOS_s + u_1..u_{J-1}
-    student_attention_mask: torch.Tensor
+    student_attention_mask: torch.Tensor | None
     student_labels: torch.Tensor  # [B, J_max]: u_1..u_J, IGNORE on padding
     student_starts: torch.Tensor  # [B, J_max]: text offset where the predicted token starts (-1 pad)
     byte_targets: torch.Tensor  # [B, J_max, K]: true byte of each head slot, IGNORE when masked
     byte_offsets: torch.Tensor  # [B, J_max, K]: text offset of each head slot, -1 when masked
     n_text_bytes: torch.Tensor  # [B]
+    packing: PackedLayout | None = None  # set by `packing.pack`: the windows share one row
 
     def to(self, device) -> "DistillBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device, non_blocking=True)
+            elif isinstance(value, PackedLayout):
+                moved[name] = value.to(device)
         return DistillBatch(**moved)
 
     @property
     def teacher_rows(self) -> torch.Tensor:
-        """[B, J_max, K] teacher byte row of each head slot (-1 when masked)."""
-        rows = self.byte_offsets + self.teacher_shift.view(-1, 1, 1)
+        """[B, J_max, K] teacher byte row of each head slot (-1 when masked).
+
+        Packed: `[1, S, K]` rows of the packed conversion (each window's rows start at its
+        `byte_row_base`).
+        """
+        if self.packing is None:
+            shift = self.teacher_shift.view(-1, 1, 1)
+        else:
+            shift = (self.teacher_shift + self.packing.byte_row_base)[self.packing.student_window].unsqueeze(-1)
+        rows = self.byte_offsets + shift
         return torch.where(self.byte_offsets >= 0, rows, torch.full_like(rows, -1))
+
+    def student_inputs(self) -> dict:
+        """Keyword arguments of the student's forward (without `prev_bytes`).
+
+        Packed: no attention mask and the position ids, from which transformers builds a
+        block-diagonal causal mask (FlashAttention-2: its variable-length path), so attention
+        stays inside each window.
+        """
+        if self.packing is None:
+            return {"input_ids": self.student_input_ids, "attention_mask": self.student_attention_mask}
+        return {"input_ids": self.student_input_ids, "attention_mask": None,
+                "position_ids": self.packing.student_position_ids}
+
+    def window_origin(self, b: int) -> tuple[int, int, int]:
+        """(row, first teacher row, first byte row) of window b: (b, 0, 0) when padded."""
+        if self.packing is None:
+            return b, 0, 0
+        return 0, self.packing.teacher_bounds[b], self.packing.byte_row_bounds[b]
 
 
 def collate(examples: Sequence[Example], K: int, teacher_bos: int, student_bos: int,

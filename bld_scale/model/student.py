@@ -65,11 +65,14 @@ class Student(nn.Module):
         return self.byte_head.K
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                prev_bytes: torch.Tensor | None = None, **lm_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                prev_bytes: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **lm_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Token logits [B,J,V] and byte logits [B,J,K,257] for every position.
 
         ``prev_bytes [B,J,K]``: the true bytes of the token each position predicts (-100 masked);
-        the linear head ignores it (may be None), the causal head needs it.
+        the linear head ignores it (may be None), the causal head needs it. ``position_ids``
+        restarting at 0 with ``attention_mask=None`` mark packed sequences (``bld_scale.data.packing``):
+        attention stays inside each.
         """
         captured: dict[str, torch.Tensor] = {}
 
@@ -79,7 +82,8 @@ class Student(nn.Module):
         # Registered per call (not once) so the module holds no hidden state between calls.
         handle = self.lm.get_decoder().register_forward_hook(keep_last_hidden)
         try:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **lm_kwargs)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, **lm_kwargs)
         finally:
             handle.remove()
         return out.logits, self.byte_head(captured["hidden"], prev_bytes)

@@ -26,6 +26,7 @@ from bld_scale.checkpoint import (CheckpointManager, cut_metrics, folder_bytes, 
 from bld_scale.config import Recipe, save_resolved
 from bld_scale.data.batch import PairTokenizer, collate
 from bld_scale.data.normalize import check_normal_forms
+from bld_scale.data.packing import pack
 from bld_scale.data.sources import WindowStream, heldout_windows, open_corpus, rank_share
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
 from bld_scale.train.step import distill_step
@@ -114,12 +115,16 @@ class Pipeline:
             print(f"[bld_scale] {message}", flush=True)
 
     def _batch(self, windows):
-        batch = collate([self.pair(w) for w in windows], self.recipe.student.K,
-                        self.sides.teacher_bos, self.sides.student_bos)
+        layout = pack if self.recipe.data.pack else collate  # packed: one row, no padding
+        batch = layout([self.pair(w) for w in windows], self.recipe.student.K,
+                       self.sides.teacher_bos, self.sides.student_bos)
         return batch.to(self.device)
 
-    def _teacher_forward(self, ids, mask):
-        return self.teacher(input_ids=ids, attention_mask=mask).logits
+    def _teacher_forward(self, ids, mask, position_ids=None):
+        if position_ids is None:
+            return self.teacher(input_ids=ids, attention_mask=mask).logits
+        # a packed row: without a KV cache transformers keeps attention inside each window
+        return self.teacher(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
 
     def _all_sum(self, values: list[float]) -> list[float]:
         return all_sum(values, self.device, self.world)

@@ -1,9 +1,13 @@
 """One engine-agnostic distillation step: teacher forward, conversion, student forward, loss.
 
 The step never sees DeepSpeed: the teacher is any callable `(input_ids, attention_mask) ->
-logits` (a Hugging Face model, or the pipeline's ZeRO-3 inference engine) and the student any
-module returning `(token_logits, byte_logits)` (a `Student` or the engine wrapping it). The
-caller runs backward and the optimizer, so a plain loop and the DeepSpeed pipeline share it.
+logits` (a Hugging Face model, or the pipeline's ZeRO-3 inference engine; `(input_ids, None,
+position_ids)` for a packed batch) and the student any module returning `(token_logits,
+byte_logits)` (a `Student` or the engine wrapping it). The caller runs backward and the
+optimizer, so a plain loop and the DeepSpeed pipeline share it.
+
+Padded and packed batches (`bld_scale.data.packing`) give the same loss: every term is a mean
+over the same tokens, byte slots or pairs, laid out differently.
 
 Methods (`distill.method`), each weighted by `lambda_kl` on top of the student's token CE:
 - `ce`: the student alone.
@@ -44,6 +48,8 @@ def check_same_tokenizer(teacher: TokenBytes, student: TokenBytes) -> None:
 
 def uld_pairs(batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat (student position, teacher row) pairs that predict a token at the same byte offset."""
+    if batch.packing is not None:
+        return _packed_uld_pairs(batch)
     s_starts, t_starts = batch.student_starts, batch.teacher_starts
     B, J = s_starts.shape
     L1 = t_starts.shape[1]
@@ -51,6 +57,35 @@ def uld_pairs(batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
     match = (s_starts.unsqueeze(2) == t_starts.unsqueeze(1)) & (s_starts.unsqueeze(2) >= 0)
     b, j, k = torch.nonzero(match, as_tuple=True)
     return b * J + j, b * L1 + k
+
+
+def _packed_uld_pairs(batch: DistillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`uld_pairs` of a packed batch: offsets are per window, so match within each window's slices."""
+    lay, s_pairs, t_pairs = batch.packing, [], []
+    for b in range(len(batch.teacher_ids)):
+        s0, s1 = lay.student_bounds[b], lay.student_bounds[b + 1]
+        t0, t1 = lay.teacher_bounds[b], lay.teacher_bounds[b + 1]
+        s, t = batch.student_starts[0, s0:s1], batch.teacher_starts[0, t0:t1]
+        j, k = torch.nonzero((s.unsqueeze(1) == t.unsqueeze(0)) & (s.unsqueeze(1) >= 0), as_tuple=True)
+        s_pairs.append(j + s0)
+        t_pairs.append(k + t0)
+    return torch.cat(s_pairs), torch.cat(t_pairs)
+
+
+def same_token_teacher_rows(logprobs: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
+    """The teacher rows that predict the same token as each student position (token_kd).
+
+    Same tokenizer: a window's teacher row j predicts what its student position j does. Padded:
+    rows `0..J_max-1` of each batch row; packed: row `teacher_bounds[b] + j` for position j of
+    window b.
+    """
+    if batch.packing is None:
+        return logprobs[:, : batch.student_labels.shape[1]]
+    lay = batch.packing
+    window = lay.student_window[0]
+    t_base = torch.tensor(lay.teacher_bounds[:-1], device=window.device)[window]
+    s_base = torch.tensor(lay.student_bounds[:-1], device=window.device)[window]
+    return logprobs[:, t_base + torch.arange(window.numel(), device=window.device) - s_base]
 
 
 def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch, cfg: DistillConfig, *,
@@ -70,9 +105,7 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     if cfg.method not in METHODS:
         raise ValueError(f"unknown distill.method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     method = cfg.method
-    token_logits, byte_logits = student(input_ids=batch.student_input_ids,
-                                        attention_mask=batch.student_attention_mask,
-                                        prev_bytes=batch.byte_targets)
+    token_logits, byte_logits = student(**batch.student_inputs(), prev_bytes=batch.byte_targets)
     counts = {"tokens": float((batch.student_labels != -100).sum()),
               "bytes": float(batch.n_text_bytes.sum())}
     if method == "ce":
@@ -97,8 +130,7 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     ce = token_ce(token_logits, batch.student_labels)
     if method == "token_kd":
         mask = batch.student_labels != -100
-        # same tokenizer: teacher row j predicts the same token as student position j
-        kd = token_kd_loss(token_logits, logprobs[:, : token_logits.shape[1]], mask,
+        kd = token_kd_loss(token_logits, same_token_teacher_rows(logprobs, batch), mask,
                            temperature=cfg.temperature)
         loss = ce + cfg.lambda_kl * kd
         return loss, {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_kd": kd.detach(), **counts}

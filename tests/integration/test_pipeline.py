@@ -93,6 +93,28 @@ def test_two_ranks_match_one_rank(deepspeed_two_ranks, tmp_path):
         assert a["data_position"] == b["data_position"]
 
 
+def test_packed_windows_match_padded_ones(deepspeed_two_ranks, tmp_path):
+    """data.pack=true (one row per micro-batch, no padding) trains and evaluates as the padded run:
+    the same windows and micro-batches as test_two_ranks_match_one_rank, so the same tolerance."""
+    out2, _ = deepspeed_two_ranks
+    out1 = tmp_path / "packed"
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(DISTILL),
+                 "train.max_steps=4", f"output_dir={out1}", "train.micro_batch_size=2",
+                 "train.grad_accum=2", "data.pack=true", *FAST])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    packed, padded = records(out1, "train"), records(out2, "train")
+    assert len(packed) == len(padded) == 4
+    for a, b in zip(packed, padded):
+        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+        assert a["data_position"] == b["data_position"]
+    for kind, key in (("eval", "student_bpb"), ("teacher_eval", "teacher_byte_bpb"),
+                      ("teacher_eval", "teacher_token_bpb")):
+        got, want = [r[key] for r in records(out1, kind)], [r[key] for r in records(out2, kind)]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-4), (kind, key)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.max_step=4", "max_steps"),                   # unknown key: the valid one is suggested
     ("train.max_steps=four", "train.max_steps"),          # wrong type

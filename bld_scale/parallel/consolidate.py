@@ -27,17 +27,17 @@ import torch.distributed as dist
 
 
 def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
-    """The whole of `param` in fp32 on its device (collective under ZeRO)."""
+    """The whole of `param` in fp32 on its device, in memory of its own (collective under ZeRO)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    full = safe_get_full_fp32_param(param)  # the fp32 master: ZeRO-3, ZeRO-1/2 and the bf16 optimizer
+    full = safe_get_full_fp32_param(param)  # the fp32 master, in a new buffer: ZeRO-3, ZeRO-1/2, bf16 optimizer
     if full is not None:
         return full
     if hasattr(param, "ds_id"):  # ZeRO-3 without a master (a frozen parameter): gather this one only
         with deepspeed.zero.GatheredParameters([param]):
             return param.detach().float().clone()
-    return param.detach().float()  # no ZeRO and no mixed precision: the parameter is its own master
+    return param.detach().float().clone()  # no ZeRO, no mixed precision: the parameter is its master
 
 
 def full_fp32_state(engine, dst: int = 0) -> dict[str, torch.Tensor] | None:
@@ -61,8 +61,8 @@ def full_fp32_state(engine, dst: int = 0) -> dict[str, torch.Tensor] | None:
         if id(tensor) in params:
             full = _full_fp32(tensor)
         else:  # a buffer: whole on every rank
-            full = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+            full = (tensor.detach().float() if tensor.is_floating_point() else tensor.detach()).clone()
         if rank == dst:
-            state[name] = full.to("cpu", copy=True)
+            state[name] = full.to("cpu")  # `full` is its own memory: on the CPU already, it is kept as is
         del full  # the device copy goes before the next parameter is gathered
     return state if rank == dst else None

@@ -126,7 +126,8 @@ def student_holding(like: Student, state: dict) -> Student:
     config = copy.deepcopy(like.lm.config)  # save_pretrained writes into its model's config
     head = head_description(like.byte_head)
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # eager: this copy never runs, and FlashAttention-2 (maybe the run's) refuses fp32 weights
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
         byte_head = build_byte_head(head["kind"], head["hidden_size"], head["K"], **head["size"])
     student = Student(lm, byte_head)
     load_full_state(student, state, where="the gathered weights", assign=True)

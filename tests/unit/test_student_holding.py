@@ -57,3 +57,13 @@ def test_it_refuses_a_state_that_does_not_fit(tokenizer):
     state = {k: v.detach().clone() for k, v in original.state_dict().items() if "byte_head" not in k}
     with pytest.raises(RuntimeError, match="missing .*byte_head"):
         student_holding(original, state)
+
+
+def test_a_student_trained_with_flash_attention_is_held_without_it(tokenizer):
+    """A GPU run's config may name FlashAttention-2, which refuses fp32 weights (and is not
+    installed here): the holding student, which never runs, does not ask for it."""
+    original = _student(tokenizer, tied=False)
+    original.lm.config._attn_implementation = "flash_attention_2"
+    held = student_holding(original, {k: v.detach().clone() for k, v in original.state_dict().items()})
+    assert held.lm.config._attn_implementation == "eager"
+    assert original.lm.config._attn_implementation == "flash_attention_2"  # the run's own is untouched

@@ -7,12 +7,16 @@
 - `save_hf_folder(student, tokenizer, folder)`: `config.json`, `model.safetensors`,
   `generation_config.json`, the tokenizer, and `byte_head.safetensors` + `byte_head.json` beside
   them: `AutoModelForCausalLM` / `AutoTokenizer` load it offline, `load_student` loads both parts.
+- `student_holding(like, state)`: a student that holds a gathered state dict's tensors (built on the
+  meta device, nothing copied), for `save_hf_folder`: how a run writes final/ from its live engine
+  (`train.pipeline.Pipeline.save_final` with `parallel.consolidate.full_fp32_state`).
 - `save_tokenizer(tokenizer, folder)`: saved so that its default encoding is the one the student
   was trained on, `[BOS] + text`: training puts `data.batch.resolve_bos`'s id in front of every
   window, while a tokenizer such as the demo's SentencePiece Llama one adds nothing by default.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -94,16 +98,40 @@ def student_from_files(folder: str | os.PathLike) -> tuple[Student, object]:
     return Student(lm, head), AutoTokenizer.from_pretrained(folder)
 
 
-def load_full_state(student: Student, state: dict, where: str = "checkpoint") -> None:
-    """Load a whole-model state dict (a tied lm_head may be absent: it is the embedding)."""
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = {k for k in missing if student.lm.config.get_text_config().tie_word_embeddings
-            and k.endswith("lm_head.weight")}
+def load_full_state(student: Student, state: dict, where: str = "checkpoint", assign: bool = False) -> None:
+    """Load a whole-model state dict (a tied lm_head may be absent: it is the embedding).
+
+    `assign=True`: the student keeps `state`'s tensors themselves (no copy; see `student_holding`).
+    """
+    missing, unexpected = student.load_state_dict(state, strict=False, assign=assign)
+    ties = student.lm.config.get_text_config().tie_word_embeddings
+    tied = {k for k in missing if ties and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"{where}: checkpoint does not fit the saved student config: missing "
                            f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-    if tied:
+    if tied or (assign and ties):  # assigning gives each name its own Parameter: one again
         student.lm.tie_weights()
+
+
+def student_holding(like: Student, state: dict) -> Student:
+    """A CPU student of `like`'s architecture whose weights are `state`'s tensors, not copies.
+
+    Built on the meta device (no memory, no initialisation), then `state` assigned: saving the
+    result (`save_hf_folder`) costs no second copy of the model. `like` may be a ZeRO-3-partitioned
+    module: only its config and head description are read. Buffers outside the state dict (rotary
+    frequencies) stay on the meta device: this student is for saving, not for running.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(like.lm.config)  # save_pretrained writes into its model's config
+    head = head_description(like.byte_head)
+    with torch.device("meta"):
+        # eager: this copy never runs, and FlashAttention-2 (maybe the run's) refuses fp32 weights
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+        byte_head = build_byte_head(head["kind"], head["hidden_size"], head["K"], **head["size"])
+    student = Student(lm, byte_head)
+    load_full_state(student, state, where="the gathered weights", assign=True)
+    return student
 
 
 def save_hf_folder(student: Student, tokenizer, folder: str | os.PathLike, byte_head: bool = True) -> Path:

@@ -30,7 +30,7 @@ from bld_scale.data.packing import pack
 from bld_scale.data.sources import WindowStream, heldout_windows, open_corpus, rank_share
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
 from bld_scale.train.step import distill_step
-from bld_scale.model.export import save_hf_folder, write_student_files
+from bld_scale.model.export import save_hf_folder, student_holding, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
 from bld_scale.train.setup import seed_everything, setup_student, setup_teacher, setup_tokenizers, student_config_dict
 from bld_scale.train.state import TrainState
@@ -270,14 +270,17 @@ class Pipeline:
         return seconds
 
     def save_final(self) -> None:
-        """The trained student as a Hugging Face folder with its byte head beside it (model.export)."""
-        import deepspeed
+        """The trained student as a Hugging Face folder with its byte head beside it (model.export).
 
-        module = self.student.module
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if self.rank == 0:
-                save_hf_folder(module, self.sides.student_tok, Path(self.recipe.output_dir) / "final")
+        Its fp32 master weights, gathered one parameter at a time onto rank 0's CPU
+        (parallel.consolidate): the same tensors as tools/export_hf.py gives from the last checkpoint.
+        """
+        from bld_scale.parallel.consolidate import full_fp32_state
+
+        state = full_fp32_state(self.student)  # collective: every rank
+        if self.rank == 0:
+            save_hf_folder(student_holding(self.student.module, state), self.sides.student_tok,
+                           Path(self.recipe.output_dir) / "final")
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

@@ -403,3 +403,17 @@ def test_estimate_memory_for_an_8b_teacher_and_a_1b_student():
     assert e["teacher"]["states"]["none"]["gpu"] > 2 * 8.03e9 / 8
     text = estimate_memory.render(e)
     assert "per-GPU total" in text and "teacher logits" in text
+
+
+# ------------------------------------------------------------------------------------- the final folder
+def test_final_folder_is_the_last_checkpoint_exported(straight, tmp_path):
+    """final/ (written by the live run: fp32 masters gathered one parameter at a time) ==
+    tools/export_hf.py of step-8 (the checkpoint's fp32 masters through zero_to_fp32): every tensor
+    exactly, every other file byte for byte. 2 ranks, ZeRO-3, untied embeddings."""
+    from hf_folders import assert_same_hf_folder
+
+    out, _, _ = straight
+    _ok(_run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(out / "checkpoints" / "step-8"),
+              str(tmp_path / "hf")]))
+    compared = assert_same_hf_folder(out / "final", tmp_path / "hf")
+    assert "model.safetensors:lm_head.weight" in compared and "byte_head.safetensors:out.weight" in compared

@@ -139,8 +139,13 @@ def run_identity(recipe, student_config: dict) -> dict:
         "student_tokenizer": identify(s.tokenizer),
         "student_model": {"config": student_config, "head": s.head, "K": s.K,
                           "head_hidden_size": s.head_hidden_size, "head_num_layers": s.head_num_layers},
-        "data": {"seed": recipe.seed, "window_bytes": recipe.data.window_bytes},
+        "data": {"seed": recipe.seed, "window_bytes": recipe.data.window_bytes,
+                 "normalize": recipe.data.normalize},
     }
+
+
+# What a checkpoint made before a `data` identity key existed had in effect: compared as such.
+DATA_DEFAULTS = {"normalize": "none"}
 
 
 def identity_problems(saved: dict, current: dict) -> list[str]:
@@ -169,8 +174,10 @@ def identity_problems(saved: dict, current: dict) -> list[str]:
             else:
                 detail.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
         problems.append("student model (student.config / head): " + "; ".join(detail))
-    a, b = saved.get("data", {}), current["data"]
+    a, b = {**DATA_DEFAULTS, **saved.get("data", {})}, current["data"]
     if a != b:
-        problems.append(f"data order (seed, data.window_bytes): checkpoint {a}, this run {b}; the saved "
-                        "data position would point at other windows")
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        problems.append(f"data (seed, data.window_bytes, data.normalize): checkpoint "
+                        f"{ {k: a.get(k) for k in keys} }, this run { {k: b.get(k) for k in keys} }; the "
+                        "saved data position would point at other windows, or the text would differ")
     return problems

@@ -108,3 +108,16 @@ def test_a_checkpoint_from_before_rule_2_is_compared_under_rule_1(recipe, teache
     problems = identity_problems(old, _identity(recipe, teacher))
     assert [p.split(":")[0] for p in problems] == ["teacher (teacher.path)", "teacher tokenizer"]  # one folder
     assert "fingerprint rule 1 (every file), recomputed so here: no match" in problems[0]
+
+
+def test_data_identity_of_an_older_checkpoint_reads_as_the_defaults():
+    from bld_scale.checkpoint.identity import identity_problems
+
+    def ident(data):
+        fp = {"path": "p", "fingerprint": "f", "fingerprint_rule": 2}
+        return {"teacher": fp, "teacher_tokenizer": fp, "student_tokenizer": fp, "student_model": {}, "data": data}
+
+    old = ident({"seed": 0, "window_bytes": 2048})  # saved before data.normalize existed
+    assert identity_problems(old, ident({"seed": 0, "window_bytes": 2048, "normalize": "none"})) == []
+    problems = identity_problems(old, ident({"seed": 0, "window_bytes": 2048, "normalize": "nfkc"}))
+    assert len(problems) == 1 and "normalize" in problems[0] and "nfkc" in problems[0]

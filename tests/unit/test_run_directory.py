@@ -126,7 +126,7 @@ def test_another_student_or_data_order_is_refused_naming_each_difference(tmp_pat
         _prepare(tmp_path, identity)
     message = str(err.value)
     assert f"K: {saved['student_model']['K']} -> {identity['student_model']['K']}" in message
-    assert "student tokenizer (student.tokenizer)" in message and "data order" in message
+    assert "student tokenizer (student.tokenizer)" in message and "data (seed" in message
     assert "--fresh" in message
     assert _snapshot(tmp_path) == before  # metrics.jsonl not cut: the decision was not final
 

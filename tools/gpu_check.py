@@ -248,7 +248,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where to measure (default cuda)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (the CPU test; minutes on a CPU)")
     ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run, of a, b, c (default all)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check.json"), help="the JSON (default runs/gpu_check.json)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check.json"),
+                    help="the JSON (default runs/gpu_check.json)")
     ap.add_argument("--vocab", default="auto", choices=("auto", "tekken", "synthetic"),
                     help="teacher vocabulary; auto: Tekken on a full run when mistral-common imports, "
                          "else synthetic")
@@ -292,8 +293,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(table(report), flush=True)
-    print(f"wrote {out}; {'all parts passed' if report['passed'] else 'FAILED: ' + ', '.join(k for k, r in parts.items() if not r['ok'])}",
-          flush=True)
+    failed = [key for key, r in parts.items() if not r["ok"]]
+    print(f"wrote {out}; " + ("all parts passed" if not failed else "FAILED: " + ", ".join(failed)), flush=True)
     return 0 if report["passed"] else 1
 
 

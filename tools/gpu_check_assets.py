@@ -130,9 +130,11 @@ class Ranks:
 
 
 def tekken_available() -> bool:
+    import importlib
+
     try:
-        import mistral_common  # noqa: F401
-        import tiktoken  # noqa: F401
+        for name in ("mistral_common", "tiktoken"):
+            importlib.import_module(name)
     except ImportError:
         return False
     return True

@@ -191,7 +191,6 @@ def part_conversion(ws) -> dict:
     ws.log(f"(a) extra peak memory: conversion {_ratio(extra, logits_bytes)}, log_softmax "
            f"{_ratio(soft_extra, logits_bytes)} of the logits ({logits_bytes / 2**30:.2f} GiB)")
     text_bytes = sum(bench.n_bytes(w, vocab) for w in windows)
-    del lp, ops
     return dict(vocabulary=vocab.name, V=vocab.vocab_size, B=B, L=L, text_bytes=text_bytes,
                 conversion_s=conv_s, log_softmax_s=soft_s, conversion_ratio=ratio, times_s=times,
                 positions_per_s=B * L / conv_s, logits_bytes=logits_bytes, extra_peak_bytes=extra,
@@ -303,5 +302,4 @@ def part_step(ws) -> dict:
                   mfu=None if peak is None else achieved / (peak * 1e12),
                   plain_tokens_per_s=s_tokens / med["bld_step"],
                   peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else None)
-    del teacher, student, optimizer, logprobs, batch, ops
     return result

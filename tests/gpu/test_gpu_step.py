@@ -1,12 +1,12 @@
 """One distillation step in bf16 on a GPU (needs CUDA; skipped without it).
 
 The demo recipe's parts built as the pipeline builds them (`bld_scale.train.setup`): the shipped
-teacher in bf16 (as teacher.dtype auto gives on a GPU), the student in fp32 under bf16 autocast, a batch of real windows. Each method's
-loss is finite, every trainable parameter gets a finite gradient (the byte head's not all zero
-under `bld`), and each loss term matches the same step in fp32 on the CPU to 2e-3 relative:
-the same comparison with bf16 autocast on the CPU moves them by at most 3.4e-5 (byte CE; token
-CE 2e-6, KL 2e-5), GPU kernels round a little differently, and a wrong target, mask or
-weighting moves a term by far more.
+teacher in bf16 (what teacher.dtype auto gives on a GPU), the student in fp32 under bf16
+autocast, a batch of real windows. Each method's loss is finite, every trainable parameter gets a
+finite gradient (the byte head's not all zero under `bld`), and each loss term matches the same
+step in fp32 on the CPU to 2e-3 relative: the same comparison with bf16 autocast on the CPU moves
+them by at most 3.4e-5 (byte CE; token CE 2e-6, KL 2e-5), GPU kernels round a little differently,
+and a wrong target, mask or weighting moves a term by far more.
 """
 from __future__ import annotations
 

@@ -1,0 +1,305 @@
+"""Parts (a) and (b) of tools/gpu_check.py: the conversion, and one distillation step, in this process.
+
+(a) `part_conversion`: `byte_logprobs_batch` against `torch.log_softmax` on the same `[B, L + 1, V]`
+    teacher log-probabilities (interleaved repeats, median of the paired ratios; logits shaped like
+    a language model's, from tools/bench_byteconv.py), the conversion's extra peak memory over the
+    logits, and max |dp| between the device's conversion and a reference on a short sequence (the
+    CPU's on a GPU run; on a CPU run the same CPU conversion fed float64 log-probabilities).
+(b) `part_step`: a plain loop (no DeepSpeed) over one batch of `windows` windows: teacher forward
+    (+ float32 log-softmax, as the step does), the conversion, a CE-only step and a BLD step, each a
+    `bld_scale.train.step.distill_step` with the recipe's DistillConfig + backward + clip + AdamW
+    (fused on GPU), under bf16 autocast on GPU (fp32 on CPU, as the recipe's precision `auto`).
+    Times are medians of `repeats` rounds after `warmup` rounds, the four interleaved.
+
+Every timer synchronises the device before it starts and before it stops.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+
+import bench_byteconv as bench
+import gpu_check_assets as assets
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """(seconds, result) of `fn()`, the device synchronised on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def extra_peak_bytes(fn, device: torch.device) -> tuple[int | None, str]:
+    """Peak memory `fn()` adds over what is allocated before it (its result included), and how.
+
+    CUDA: `max_memory_allocated` after `reset_peak_memory_stats`, minus `memory_allocated` before.
+    CPU (Linux): the resident-set high-water mark after resetting it (`/proc/self/clear_refs`),
+    minus the resident set before; approximate (the allocator may reuse freed pages).
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = fn()
+        sync(device)
+        extra = torch.cuda.max_memory_allocated(device) - base
+        del result
+        return int(extra), "torch.cuda.max_memory_allocated - memory_allocated before"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None, "unavailable (no /proc/self/clear_refs)"
+    base = _status_bytes("VmHWM")
+    result = fn()
+    peak = _status_bytes("VmHWM")
+    del result
+    if base is None or peak is None:
+        return None, "unavailable (no VmHWM)"
+    return peak - base, "resident-set high-water mark (VmHWM after clear_refs), approximate"
+
+
+def max_abs_dp(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |exp(a) - exp(b)| over two `[N + 1, 257]` log-probability tables (-inf is 0)."""
+    return float((a.double().exp() - b.double().exp()).abs().max())
+
+
+def cover_reference(logprobs: torch.Tensor, ids, vocab, eos_id: int | None) -> torch.Tensor:
+    """Mode "cover" summed directly in float64 from its definition (docs/byte-interface.md), as
+    `[N + 1, 257]` log-probabilities: for offset n, every canonical start s_k <= n weighs, by
+    P(t_<k), the mass of the tokens whose bytes start with x[s_k..n) + b; EOT takes P(t_<k)·p_k(EOS)
+    at n = s_k; row N is all EOT. The tokens starting with a prefix are found by bisection in the
+    byte-sorted token list; no trie, no running sums: a check on the conversion, for short texts."""
+    pieces = [vocab.token_bytes(i) for i in ids]
+    data = b"".join(pieces)
+    starts = [0]
+    for piece in pieces[:-1]:
+        starts.append(starts[-1] + len(piece))
+    rows = logprobs.double().cpu()
+    log_prefix = [0.0]
+    for k, i in enumerate(ids):
+        log_prefix.append(log_prefix[-1] + float(rows[k, i]))
+    extending = _TokensExtending(vocab)
+    out = torch.full((len(data) + 1, 257), -math.inf, dtype=torch.float64)
+    out[len(data), 256] = 0.0
+    longest = vocab.max_token_len
+    for n in range(len(data)):
+        # starts a token's length or more back have no token continuing the text to n + 1
+        last = bisect.bisect_right(starts, n) - 1
+        splits = [k for k in range(last, -1, -1) if n - starts[k] < longest] or [last]
+        scale = max(log_prefix[k] for k in splits)
+        acc = torch.zeros(257, dtype=torch.float64)
+        for k in splits:
+            weight = math.exp(log_prefix[k] - scale)
+            tokens, nexts = extending(data[starts[k]:n])
+            if tokens.numel():
+                acc.index_add_(0, nexts, weight * rows[k].index_select(0, tokens).exp())
+            if starts[k] == n and eos_id is not None:
+                acc[256] += weight * math.exp(float(rows[k, eos_id]))
+        out[n] = torch.log(acc / acc.sum())
+    return out
+
+
+class _TokensExtending:
+    """(ids, next bytes) of the tokens strictly longer than a prefix u that start with u."""
+
+    def __init__(self, vocab):
+        entries = sorted((b, v) for v, b in enumerate(vocab.all_token_bytes()) if b)
+        self.keys = [b for b, _ in entries]
+        self.ids = torch.tensor([v for _, v in entries], dtype=torch.long)
+        self.width = max(len(b) for b in self.keys)
+        table = torch.full((len(entries), self.width), -1, dtype=torch.long)
+        for r, b in enumerate(self.keys):
+            table[r, : len(b)] = torch.tensor(list(b))
+        self.table = table
+        self.cache: dict[bytes, tuple] = {}
+
+    def __call__(self, u: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        if u not in self.cache:
+            lo = bisect.bisect_left(self.keys, u)
+            above = u.rstrip(b"\xff")  # the first byte string past every extension of u
+            hi = (bisect.bisect_left(self.keys, above[:-1] + bytes([above[-1] + 1])) if above
+                  else len(self.keys))
+            nexts = self.table[lo:hi, len(u)] if len(u) < self.width else torch.zeros(0, dtype=torch.long)
+            keep = nexts >= 0
+            self.cache[u] = (self.ids[lo:hi][keep], nexts[keep])
+        return self.cache[u]
+
+
+# ---------------------------------------------------------------------- (a)
+def part_conversion(ws) -> dict:
+    """(a): the conversion's cost over log_softmax, its extra memory, device-vs-reference max |dp|."""
+    from bld_scale.convert import byte_logprobs, byte_logprobs_batch
+
+    p, device = ws.profile, ws.device
+    vocab, eos = ws.conversion_vocab()
+    B, L = p.conv_batch, p.conv_length
+    ws.log(f"(a) {vocab.name}: V = {vocab.vocab_size:,}; B = {B}, L = {L:,}; making the logits")
+    windows = bench.load_windows(vocab, L, B)
+    lp = bench.make_logprobs(windows, vocab.vocab_size, device)  # [B, L + 1, V] float32 log-probabilities
+    logits_bytes = lp.numel() * lp.element_size()
+
+    # max |dp| on a short sequence (also the warm-up: the index's tables reach the device here):
+    # against the CPU on a GPU, and on any device against the float64 sums of the definition
+    short, n = windows[0][: p.dp_length], p.dp_length
+    here = byte_logprobs(lp[0, : n + 1], short, vocab, eos_id=eos).cpu()
+    definition = cover_reference(lp[0, : n + 1], short, vocab, eos)
+    dp_definition = max_abs_dp(here, definition)
+    if device.type == "cuda":
+        how = "cpu"
+        reference = byte_logprobs(lp[0, : n + 1].cpu(), short, vocab, eos_id=eos)
+        dp = max_abs_dp(here, reference)
+    else:
+        how, reference, dp = "float64 definition", definition, dp_definition
+    same_support = bool(torch.equal(torch.isfinite(here), torch.isfinite(reference)))
+    ws.log(f"(a) max |dp| over {here.shape[0]:,} byte rows: {device.type} vs {how} {dp:.2e}"
+           + (f", vs the float64 definition {dp_definition:.2e}" if device.type == "cuda" else ""))
+
+    ops = {"conversion": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=eos),
+           "log_softmax": lambda: torch.log_softmax(lp, dim=-1)}
+    times = bench.interleaved(ops, p.warmup + p.repeats, device)
+    times = {k: v[p.warmup:] for k, v in times.items()}
+    ratio = bench.paired_ratio(times, "conversion", "log_softmax")
+    conv_s, soft_s = statistics.median(times["conversion"]), statistics.median(times["log_softmax"])
+    ws.log(f"(a) conversion {conv_s:.3f} s, log_softmax {soft_s:.3f} s: ratio {ratio:.2f}x")
+    extra, method = extra_peak_bytes(ops["conversion"], device)
+    soft_extra, _ = extra_peak_bytes(ops["log_softmax"], device)
+    ws.log(f"(a) extra peak memory: conversion {_ratio(extra, logits_bytes)}, log_softmax "
+           f"{_ratio(soft_extra, logits_bytes)} of the logits ({logits_bytes / 2**30:.2f} GiB)")
+    text_bytes = sum(bench.n_bytes(w, vocab) for w in windows)
+    return dict(vocabulary=vocab.name, V=vocab.vocab_size, B=B, L=L, text_bytes=text_bytes,
+                conversion_s=conv_s, log_softmax_s=soft_s, conversion_ratio=ratio, times_s=times,
+                positions_per_s=B * L / conv_s, logits_bytes=logits_bytes, extra_peak_bytes=extra,
+                extra_memory_ratio=None if extra is None else extra / logits_bytes,
+                log_softmax_extra_peak_bytes=soft_extra, memory_method=method,
+                max_abs_dp=dp, dp_reference=how, dp_tokens=n, dp_same_support=same_support,
+                max_abs_dp_vs_definition=dp_definition)
+
+
+def _ratio(extra: int | None, whole: int) -> str:
+    return "n/a" if extra is None else f"{extra / 2**20:,.0f} MiB = {extra / whole:.2f}x"
+
+
+# ---------------------------------------------------------------------- (b)
+def step_flops(n_teacher: int, teacher_tokens: int, n_student: int, student_tokens: int) -> float:
+    """Model FLOPs of one distillation step: a teacher forward (2·N·T) and a student forward and
+    backward (6·N·T); attention's own FLOPs and the conversion are not counted."""
+    return 2.0 * n_teacher * teacher_tokens + 6.0 * n_student * student_tokens
+
+
+def part_step(ws) -> dict:
+    """(b): teacher forward, conversion, CE step and BLD step of a plain loop; MFU of the BLD step."""
+    from bld_scale.convert import byte_logprobs_batch
+    from bld_scale.convert.dispatch import teacher_token_logprobs
+    from bld_scale.data.batch import PairTokenizer, collate
+    from bld_scale.parallel.engines import param_groups
+    from bld_scale.train.setup import setup_student, setup_tokenizers
+    from bld_scale.train.step import distill_step
+
+    p, device = ws.profile, ws.device
+    recipe = ws.recipe(check_paths=False)
+    cuda = device.type == "cuda"
+    sides = setup_tokenizers(recipe, p.teacher_rows, log=ws.log)
+    teacher = assets.teacher_model(p, device, torch.bfloat16 if cuda else torch.float32)
+    with torch.device(device):
+        student = setup_student(recipe, len(sides.student_tok))
+    student.to(device).train()
+    t = recipe.train
+    optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=(0.9, 0.95),
+                                  fused=cuda or None)
+    pair = PairTokenizer(sides.teacher_vocab, sides.student_vocab)
+    batch = collate([pair(w) for w in assets.training_windows(p.windows, p.window_bytes)], recipe.student.K,
+                    sides.teacher_bos, sides.student_bos).to(device)
+    n_teacher, n_student = assets.n_parameters(teacher), assets.n_parameters(student)
+    t_tokens = int(batch.teacher_attention_mask.sum())
+    s_tokens = int((batch.student_labels != -100).sum())
+    ws.log(f"(b) teacher {n_teacher / 1e9:.3f}B parameters, student {n_student / 1e9:.3f}B (LM + "
+           f"{recipe.student.head} byte head); {p.windows} windows of {p.window_bytes:,} bytes: "
+           f"{t_tokens:,} teacher / {s_tokens:,} student tokens")
+
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+    def teacher_forward(ids, mask):
+        return teacher(input_ids=ids, attention_mask=mask).logits
+
+    def forward():
+        with torch.no_grad(), autocast():
+            return teacher_token_logprobs(teacher_forward, batch)
+
+    logprobs = forward()
+
+    def convert():
+        return byte_logprobs_batch(logprobs, batch.teacher_ids, sides.teacher_vocab, eos_id=sides.teacher_eos)
+
+    def train_step(cfg):
+        def run():
+            with autocast():
+                loss, _ = distill_step(teacher_forward, student, batch, cfg, teacher_vocab=sides.teacher_vocab,
+                                       teacher_eos_id=sides.teacher_eos)
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        return run
+
+    ops = {"teacher_forward": forward, "conversion": convert,
+           "ce_step": train_step(dataclasses.replace(recipe.distill, method="ce")),
+           "bld_step": train_step(recipe.distill)}
+    times = {name: [] for name in ops}
+    losses = {"ce_step": [], "bld_step": []}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for r in range(p.warmup + p.repeats):
+        last = {}
+        for name, fn in ops.items():
+            last[name], out = timed(fn, device)
+            if name in losses:
+                losses[name].append(float(out))
+            if r >= p.warmup:
+                times[name].append(last[name])
+        ws.log(f"(b) round {r + 1}/{p.warmup + p.repeats}{' (warm-up)' if r < p.warmup else ''}: "
+               + ", ".join(f"{k} {v:.3f} s" for k, v in last.items()))
+    bad = {k: v for k, v in losses.items() if not all(math.isfinite(x) for x in v)}
+    if bad:
+        raise RuntimeError(f"non-finite losses in the plain loop: {bad}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flops = step_flops(n_teacher, t_tokens, n_student, s_tokens)
+    achieved = flops / med["bld_step"]
+    peak = assets.peak_bf16_tflops(ws.device_name) if cuda else None
+    result = dict(teacher_parameters=n_teacher, student_parameters=n_student, teacher_tokens=t_tokens,
+                  student_tokens=s_tokens, windows=p.windows, window_bytes=p.window_bytes,
+                  precision="bf16 autocast" if cuda else "fp32", attention="sdpa",
+                  **{f"{k}_s": v for k, v in med.items()}, times_s=times, losses=losses,
+                  step_ratio=med["bld_step"] / (med["teacher_forward"] + med["ce_step"]),
+                  conversion_share_of_bld_step=med["conversion"] / med["bld_step"],
+                  step_flops=flops, achieved_tflops=achieved / 1e12, peak_bf16_tflops=peak,
+                  mfu=None if peak is None else achieved / (peak * 1e12),
+                  plain_tokens_per_s=s_tokens / med["bld_step"],
+                  peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else None)
+    return result

@@ -10,20 +10,11 @@ from bld_scale.convert.byte_rows import pad_byte_rows
 from bld_scale.convert.exact import byte_logprobs_exact, exact_byte_targets
 from bld_scale.convert.one_pass import byte_logprobs_one_pass
 from bld_scale.data.batch import PairTokenizer, collate
+from tiny_models import tiny_llama
 from vocab_tables import SINGLE_BYTES, table_vocab
 
 PIECES = SINGLE_BYTES + ["th", "the", "there", "these", "they", "re", "he", "her", "here", " the", " t", "ere"]
 TEXTS = ["there the here", "these they", "her"]
-
-
-def tiny_llama(vocab_size, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
 
 
 class CountingTeacher(torch.nn.Module):

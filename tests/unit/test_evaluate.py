@@ -12,20 +12,11 @@ from bld_scale.data.batch import PairTokenizer, collate
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
 from bld_scale.model.student import build_student
 from bld_scale.train.step import distill_step
+from tiny_models import tiny_llama
 from vocab_tables import SINGLE_BYTES, table_vocab
 
 PIECES = SINGLE_BYTES + ["th", "the", "there", "these", "they", "re", "he", "her", "here", " the", " t", "ere"]
 TEXTS = ["there the here", "these they, é", "her"]
-
-
-def tiny_llama(vocab_size, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def alone_logprobs(model, bos, ids):

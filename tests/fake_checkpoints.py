@@ -55,3 +55,15 @@ def flip_middle_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def demo_identity() -> dict:
+    """The run identity of the shipped demo recipe (what a checkpoint of the demo records)."""
+    from pathlib import Path
+
+    from bld_scale.checkpoint import run_identity
+    from bld_scale.config import load_recipe
+    from bld_scale.train.setup import student_config_dict
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "launch" / "recipes" / "demo.yaml")
+    return run_identity(recipe, student_config_dict(recipe))

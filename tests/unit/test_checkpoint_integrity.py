@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bld_scale.checkpoint import (DamagedCheckpointError, ResumeError, cut_metrics, prepare_run_directory, read_meta,
-                                  run_identity, verify_checkpoint)
+                                  verify_checkpoint)
 from bld_scale.checkpoint.manifest import owner
 from bld_scale.checkpoint.rank_verification import RankVerification
 from fake_checkpoints import SHARD, flip_middle_byte as _flip_middle_byte, manager as _manager, save_fake, truncate as _truncate
@@ -26,11 +26,9 @@ MAX_STEPS = 20
 
 @pytest.fixture(scope="module")
 def identity():
-    from bld_scale.config import load_recipe
-    from bld_scale.train.setup import student_config_dict
+    from fake_checkpoints import demo_identity
 
-    recipe = load_recipe(REPO / "launch" / "recipes" / "demo.yaml")
-    return run_identity(recipe, student_config_dict(recipe))
+    return demo_identity()
 
 
 def _save(out: Path, step: int, identity: dict, metrics_bytes: int = 0) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bld_scale.checkpoint import CheckpointManager, ResumeError, cut_metrics, prepare_run_directory, run_identity
+from bld_scale.checkpoint import CheckpointManager, ResumeError, cut_metrics, prepare_run_directory
 from bld_scale.checkpoint.manifest import checkpoint_files, hash_files, write_manifest
 from bld_scale.checkpoint.meta import compose_meta
 from bld_scale.checkpoint.run_directory import carry_out, decide
@@ -23,11 +23,9 @@ MAX_STEPS = 8
 
 @pytest.fixture(scope="module")
 def identity():
-    from bld_scale.config import load_recipe
-    from bld_scale.train.setup import student_config_dict
+    from fake_checkpoints import demo_identity
 
-    recipe = load_recipe(REPO / "launch" / "recipes" / "demo.yaml")
-    return run_identity(recipe, student_config_dict(recipe))
+    return demo_identity()
 
 
 def _record(step: int, kind: str = "train") -> str:

@@ -30,9 +30,11 @@ from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, 
 from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
-from bld_scale.train.setup import seed_everything, setup_student, setup_teacher, setup_tokenizers, student_config_dict
+from bld_scale.train.setup import (load_teacher_config, seed_everything, setup_student, setup_teacher,
+                                   setup_tokenizers, student_config_dict)
 from bld_scale.train.state import TrainState
 from bld_scale.train.summary import summary_table
+from bld_scale.train.teacher_tokenizer import check_beats_uniform, eval_token_counts
 from bld_scale.train.tracking import MetricsWriter
 
 EVAL_WINDOWS = 32  # held-out windows per evaluation (rounded down to a multiple of the world size)
@@ -65,10 +67,12 @@ class Pipeline:
                                      recipe.logging.wandb_project, recipe.to_dict(),
                                      purge_step=int(self.resumed["step"]) + 1 if self.resumed else None)
         student_cfg = build_ds_config(recipe, self.world)
+        # tokenizers first: one that is not the teacher's own is refused before the teacher loads
+        teacher_config = load_teacher_config(recipe)
+        self.sides = setup_tokenizers(recipe, teacher_config.get_text_config().vocab_size, log=self.log,
+                                      teacher_config=teacher_config)
         # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
         self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
-        teacher_vocab_size = self.teacher.module.config.get_text_config().vocab_size
-        self.sides = setup_tokenizers(recipe, teacher_vocab_size, log=self.log)
         student = setup_student(recipe, len(self.sides.student_tok))
         self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
@@ -212,6 +216,10 @@ class Pipeline:
             self.log(f"teacher held-out BPB {teacher_eval['teacher_token_bpb']:.4f} (token level), "
                      f"{teacher_eval['teacher_byte_bpb']:.4f} (byte level, {teacher_eval['conversion']}); "
                      f"conversion gap {teacher_eval['conversion_gap']:+.4f}")
+            # (d) of train.teacher_tokenizer: worse than a uniform guess -> the ids are not the model's
+            check_beats_uniform(teacher_eval["teacher_token_bpb"],
+                                *self._all_sum(eval_token_counts(self.eval_windows, self.sides.teacher_vocab)),
+                                self.sides.teacher_vocab.vocab_size, self.recipe.teacher)
         bpb_before = self.evaluate_student()
         if bpb_before is not None:
             self.metrics.log(0, "eval", {"student_bpb": bpb_before})
@@ -276,5 +284,13 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 
 
 def run(recipe: Recipe, fresh: bool = False) -> dict:
-    """Train (resuming from the current checkpoint in the run's folder, if any); see Pipeline."""
-    return Pipeline(recipe, fresh=fresh).train()
+    """Train (resuming from the current checkpoint in the run's folder, if any); see Pipeline.
+
+    Rank 0 holds output_dir's lock (`checkpoint.run_lock`) from before anything in the folder is
+    read until the run ends: a second run on the same folder is refused (OutputDirLocked)."""
+    from bld_scale.checkpoint.run_lock import locked_output_dir
+    from bld_scale.parallel.engines import init_distributed
+
+    rank, world = init_distributed()
+    with locked_output_dir(recipe.output_dir, rank, world):
+        return Pipeline(recipe, fresh=fresh).train()

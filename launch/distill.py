@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     # First, before the heavy imports: a preemption signal during start-up must not kill the rank.
     from bld_scale.checkpoint.preemption import install_stop_handlers
 
-    install_stop_handlers()
+    stop = install_stop_handlers()
     from bld_scale.config import recipe_keys_help, recipe_yaml  # light: no transformers, no models
 
     parser = argparse.ArgumentParser(description=__doc__, epilog=recipe_keys_help(),
@@ -76,7 +76,11 @@ def main(argv=None) -> int:
         label = next(text for kind, text in refusals.items() if isinstance(err, kind))
         _on_rank0(f"bld_scale: {label}: {err}")
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one only asks for a stop)
+    except BaseException as err:
+        # A second Ctrl-C (the first only asks for a stop) raises KeyboardInterrupt here, or, on a
+        # rank waiting in a collective for a rank that has already gone, a backend error.
+        if not (isinstance(err, KeyboardInterrupt) or stop.aborting):
+            raise
         _on_rank0("bld_scale: interrupted: stopped without saving the current step; the last "
                   "checkpoint (if any) is intact and the same command resumes from it")
         return 130

@@ -95,6 +95,7 @@ class StopRequest:
         self.stop_file = os.environ.get("BLD_STOP_FILE") or None
         self.watch = watch or LauncherWatch([])
         self._first_sigint: float | None = None
+        self.aborting = False  # a second Ctrl-C came: whatever fails from here on is that abort
 
     def install(self) -> "StopRequest":
         for name in self.SIGNALS:
@@ -107,6 +108,7 @@ class StopRequest:
         if signum == signal.SIGINT:
             now = time.monotonic()
             if self._first_sigint is not None and now - self._first_sigint >= ABORT_AFTER_S:
+                self.aborting = True
                 raise KeyboardInterrupt  # the user's second Ctrl-C: abort without saving
             if self._first_sigint is None:
                 self._first_sigint = now

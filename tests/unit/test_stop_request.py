@@ -50,9 +50,11 @@ def test_a_launchers_copy_of_the_sigint_does_not_abort_but_a_later_one_does(hand
     _deliver(signal.SIGINT)
     _deliver(signal.SIGTERM)  # the DeepSpeed launcher answers Ctrl-C with SIGTERM to the ranks
     assert stop.received == "SIGINT"
+    assert not stop.aborting
     clock[0] += 0.2  # the user's second Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         _deliver(signal.SIGINT)
+    assert stop.aborting
 
 
 def test_sigterm_then_sigint_stops_once(handlers):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from bld_scale.train.teacher_tokenizer import (TokenizerError, check_beats_unifo
                                                eval_token_counts, model_special_ids, rows_problem,
                                                special_token_problems, uniform_bpb, unused_rows_allowed,
                                                vocabulary_problem)
+from teacher_copies import copy_with_shuffled_ids, copy_with_student_tokenizer
 
 ROWS = 4096  # the demo teacher's embedding rows (config.json vocab_size)
 
@@ -30,30 +30,6 @@ def _teacher(path, tokenizer=None):
 
 def _config(path=TEACHER_DIR):
     return AutoConfig.from_pretrained(path)
-
-
-def copy_with_student_tokenizer(dst: Path) -> Path:
-    """The demo teacher folder with the student's tokenizer files over its own."""
-    shutil.copytree(TEACHER_DIR, dst)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (dst / name).unlink()
-    for f in STUDENT_TOKENIZER_DIR.iterdir():
-        shutil.copy(f, dst / f.name)
-    return dst
-
-
-def copy_with_shuffled_ids(dst: Path, seed: int = 0) -> Path:
-    """The demo teacher folder whose BPE ids are permuted (all but <|endoftext|> = 0): same size,
-    same special ids, same strings; only which id each string gets differs."""
-    shutil.copytree(TEACHER_DIR, dst)
-    spec = json.loads((dst / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    tokens = [t for t, i in vocab.items() if i != 0]
-    ids = [vocab[t] for t in tokens]
-    random.Random(seed).shuffle(ids)
-    spec["model"]["vocab"] = {**{t: 0 for t, i in vocab.items() if i == 0}, **dict(zip(tokens, ids))}
-    (dst / "tokenizer.json").write_text(json.dumps(spec))
-    return dst
 
 
 # ------------------------------------------------------------------------------------- (a) sizes

@@ -10,8 +10,8 @@ State and checkpoints (docs/checkpointing.md): the loop's state apart from the m
 `TrainState` (`state_dict()` / `load_state_dict()`); `bld_scale.checkpoint` decides whether the
 run resumes (`prepare_run_directory`) and when a step is saved (`CheckpointManager.due`): every
 `checkpoint.interval` steps and at the end; a run in an output_dir with a checkpoint resumes from
-it (same losses as an uninterrupted run); SIGTERM/SIGUSR1 save at the next step boundary and
-return early.
+it (same losses as an uninterrupted run); SIGTERM/SIGUSR1/SIGINT, the stop file or a dead launcher
+(`checkpoint.preemption`) save at the next step boundary and return early.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Pipeline:
         from bld_scale.parallel.engines import build_ds_config, build_student_engine, init_distributed, teacher_ds_config
 
         self.recipe = recipe
-        self.stop = install_stop_handlers()  # SIGTERM / SIGUSR1 -> save at the next step boundary
+        self.stop = install_stop_handlers()  # SIGTERM / SIGUSR1 / SIGINT -> save at the next step boundary
         self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
             else torch.device("cpu")

@@ -85,8 +85,8 @@ def test_a_separate_copy_of_the_right_tokenizer_passes(tmp_path):
 
 # ------------------------------------------------------------------------------------- (a)-(c) together
 def test_the_demo_pairing_passes():
-    recipe = SimpleNamespace(teacher=_teacher(TEACHER_DIR), student=SimpleNamespace(tokenizer=str(STUDENT_TOKENIZER_DIR)),
-                             distill=SimpleNamespace(method="bld"))
+    recipe = SimpleNamespace(teacher=_teacher(TEACHER_DIR), distill=SimpleNamespace(method="bld"),
+                             student=SimpleNamespace(tokenizer=str(STUDENT_TOKENIZER_DIR)))
     sides = setup_tokenizers(recipe, ROWS, log=lambda m: None, teacher_config=_config())
     assert sides.teacher_vocab.vocab_size == ROWS and sides.teacher_bos == 0
 

@@ -13,6 +13,11 @@
 # --include, --exclude).
 # Rendezvous port: a free one picked here, unless LAUNCHER ARGS give --master_port (DeepSpeed's
 # fixed default, 29500, fails with EADDRINUSE while another DeepSpeed job runs on the machine).
+# Ctrl-C (or SIGTERM / SIGHUP to this script): the run saves a checkpoint at its next step and
+# exits 0 (the same command resumes it); a second Ctrl-C kills it at once, without saving. The
+# launcher runs in its own session (setsid) and this script asks the ranks to stop through a stop
+# file (BLD_STOP_FILE): the terminal's SIGINT would otherwise reach the DeepSpeed runner, which
+# dies on it, and its launcher, which answers with SIGTERM to the ranks and exit code 1.
 # BLD_DEMO_DRY_RUN=1 prints the launch command instead of running it (and installs nothing).
 set -euo pipefail
 if [[ -n "${BLD_DEMO_DRY_RUN:-}" ]]; then
@@ -65,4 +70,35 @@ if [[ -n "${BLD_DEMO_DRY_RUN:-}" ]]; then
   echo
   exit 0
 fi
-exec "${command[@]}"
+if ! command -v setsid >/dev/null 2>&1; then
+  exec "${command[@]}"  # no setsid (not Linux): Ctrl-C goes to every process, as DeepSpeed handles it
+fi
+
+stop_dir="$(mktemp -d)"
+export BLD_STOP_FILE="$stop_dir/stop"
+interrupts=0
+on_signal() {
+  interrupts=$((interrupts + 1))
+  if (( interrupts == 1 )); then
+    echo "scripts/demo.sh: stopping: the run saves a checkpoint at its next step, then exits" \
+         "(Ctrl-C again to kill it without saving)" >&2
+    touch "$BLD_STOP_FILE"
+  else
+    echo "scripts/demo.sh: killing the run (its last complete checkpoint stays)" >&2
+    kill -KILL -- "-$run_pid" 2>/dev/null || true
+  fi
+}
+trap on_signal INT TERM HUP
+# Not a process group leader (no job control in a script), so setsid execs in place: $! is the
+# runner's pid and its new session's process group id.
+setsid "${command[@]}" &
+run_pid=$!
+# A trapped signal interrupts `wait` while the run goes on: wait until it has really ended, then
+# once more for its status (bash keeps the status of a finished background process).
+while kill -0 "$run_pid" 2>/dev/null; do
+  wait "$run_pid" || true
+done
+status=0
+wait "$run_pid" || status=$?
+rm -rf "$stop_dir"
+exit "$status"

@@ -1,4 +1,5 @@
-"""DeepSpeed plumbing: process group, DeepSpeed JSON filled from the recipe, the two engines.
+"""DeepSpeed plumbing: process group (join, tear down), DeepSpeed JSON filled from the recipe,
+the two engines.
 
 Kept apart from the ML step (`bld_scale/step.py`): the step sees a teacher forward function and a
 student module; this module decides how they are sharded. Two engines live in one process:
@@ -55,6 +56,18 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend="nccl" if _on_gpu() else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group, if this process joined one; every exit of the entry point calls it.
+
+    Local to this rank (no collective), so a rank that refuses alone does not wait for the others.
+    Without it, the interpreter exits with the backend's threads alive and the C++ runtime aborts
+    ("terminate called without an active exception", exit status 134, or 250 as the DeepSpeed
+    launcher reports it), losing the run's own exit code.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_precision(precision: str) -> str:

@@ -10,8 +10,8 @@ State and checkpoints (docs/checkpointing.md): the loop's state apart from the m
 `TrainState` (`state_dict()` / `load_state_dict()`); `bld_scale.checkpoint` decides whether the
 run resumes (`prepare_run_directory`) and when a step is saved (`CheckpointManager.due`): every
 `checkpoint.interval` steps and at the end; a run in an output_dir with a checkpoint resumes from
-it (same losses as an uninterrupted run); SIGTERM/SIGUSR1 save at the next step boundary and
-return early.
+it (same losses as an uninterrupted run); SIGTERM/SIGUSR1/SIGINT, the stop file or a dead launcher
+(`checkpoint.preemption`) save at the next step boundary and return early.
 """
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, 
 from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, student_holding, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
-from bld_scale.train.setup import seed_everything, setup_student, setup_teacher, setup_tokenizers, student_config_dict
+from bld_scale.train.setup import (load_teacher_config, seed_everything, setup_student, setup_teacher,
+                                   setup_tokenizers, student_config_dict)
 from bld_scale.train.state import TrainState
 from bld_scale.train.summary import summary_table
+from bld_scale.train.teacher_tokenizer import check_beats_uniform, eval_token_counts
 from bld_scale.train.tracking import MetricsWriter
 
 EVAL_WINDOWS = 32  # held-out windows per evaluation (rounded down to a multiple of the world size)
@@ -47,7 +49,7 @@ class Pipeline:
         from bld_scale.parallel.engines import build_ds_config, build_student_engine, init_distributed, teacher_ds_config
 
         self.recipe = recipe
-        self.stop = install_stop_handlers()  # SIGTERM / SIGUSR1 -> save at the next step boundary
+        self.stop = install_stop_handlers()  # SIGTERM / SIGUSR1 / SIGINT -> save at the next step boundary
         self.rank, self.world = init_distributed()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -68,12 +70,14 @@ class Pipeline:
                                      recipe.logging.wandb_project, recipe.to_dict(),
                                      purge_step=int(self.resumed["step"]) + 1 if self.resumed else None)
         student_cfg = build_ds_config(recipe, self.world)
-        # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
-        self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
-        teacher_vocab_size = self.teacher.module.config.get_text_config().vocab_size
-        self.sides = setup_tokenizers(recipe, teacher_vocab_size, log=self.log)
+        # tokenizers first: one that is not the teacher's own is refused before the teacher loads
+        teacher_config = load_teacher_config(recipe)
+        self.sides = setup_tokenizers(recipe, teacher_config.get_text_config().vocab_size, log=self.log,
+                                      teacher_config=teacher_config)
         check_normal_forms([("data.train", self.corpus.train), ("data.heldout", self.corpus.heldout)],
                            [self.sides.teacher_vocab, self.sides.student_vocab], recipe.data.normalize, log=self.log)
+        # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
+        self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
         student = setup_student(recipe, len(self.sides.student_tok))
         self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
@@ -223,6 +227,10 @@ class Pipeline:
             self.log(f"teacher held-out BPB {teacher_eval['teacher_token_bpb']:.4f} (token level), "
                      f"{teacher_eval['teacher_byte_bpb']:.4f} (byte level, {teacher_eval['conversion']}); "
                      f"conversion gap {teacher_eval['conversion_gap']:+.4f}")
+            # (d) of train.teacher_tokenizer: worse than a uniform guess -> the ids are not the model's
+            check_beats_uniform(teacher_eval["teacher_token_bpb"],
+                                *self._all_sum(eval_token_counts(self.eval_windows, self.sides.teacher_vocab)),
+                                self.sides.teacher_vocab.vocab_size, self.recipe.teacher)
         bpb_before = self.evaluate_student()
         if bpb_before is not None:
             self.metrics.log(0, "eval", {"student_bpb": bpb_before})
@@ -290,5 +298,13 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 
 
 def run(recipe: Recipe, fresh: bool = False) -> dict:
-    """Train (resuming from the current checkpoint in the run's folder, if any); see Pipeline."""
-    return Pipeline(recipe, fresh=fresh).train()
+    """Train (resuming from the current checkpoint in the run's folder, if any); see Pipeline.
+
+    Rank 0 holds output_dir's lock (`checkpoint.run_lock`) from before anything in the folder is
+    read until the run ends: a second run on the same folder is refused (OutputDirLocked)."""
+    from bld_scale.checkpoint.run_lock import locked_output_dir
+    from bld_scale.parallel.engines import init_distributed
+
+    rank, world = init_distributed()
+    with locked_output_dir(recipe.output_dir, rank, world):
+        return Pipeline(recipe, fresh=fresh).train()

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bld_scale.config import Recipe
+from bld_scale.config import Recipe, RecipeError
 from bld_scale.data.batch import resolve_bos
 from bld_scale.model.student import build_student
 from bld_scale.tokenize.token_bytes import TokenBytes
 from bld_scale.train.step import check_same_tokenizer
+from bld_scale.train.teacher_tokenizer import TokenizerError, check_teacher_tokenizer
 
 
 @dataclass
@@ -38,22 +39,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_tokenizers(recipe: Recipe, teacher_vocab_size: int, log=print) -> Sides:
+def load_teacher_config(recipe: Recipe):
+    """The teacher's config (config.json only, no weights): its rows and special ids are checked
+    against the tokenizer before the model loads."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(recipe.teacher.path)
+
+
+def setup_tokenizers(recipe: Recipe, teacher_vocab_size: int, log=print, teacher_config=None) -> Sides:
+    """Both tokenizers, as loaded and as byte tables. A teacher tokenizer that is not the teacher
+    model's is refused (`train.teacher_tokenizer`: sizes, and with `teacher_config` special ids);
+    so is any other tokenizer problem (TokenizerError, a ValueError, naming the recipe key)."""
     from transformers import AutoTokenizer
 
     t_tok = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.path)
     s_tok = AutoTokenizer.from_pretrained(recipe.student.tokenizer)
-    if teacher_vocab_size < len(t_tok):
-        raise ValueError(f"teacher tokenizer {recipe.teacher.tokenizer or recipe.teacher.path} has "
-                         f"{len(t_tok)} ids but the teacher model embeds only {teacher_vocab_size}: "
-                         "wrong tokenizer for this model (teacher.tokenizer)")
-    t_vocab = TokenBytes.from_tokenizer(t_tok, vocab_size=teacher_vocab_size, name=f"teacher tokenizer ({recipe.teacher.path})")
-    s_vocab = TokenBytes.from_tokenizer(s_tok, name=f"student tokenizer ({recipe.student.tokenizer})")
-    t_bos, t_src = resolve_bos(t_tok, recipe.teacher.bos_token)
-    s_bos, s_src = resolve_bos(s_tok)
+    check_teacher_tokenizer(recipe.teacher, t_tok, teacher_vocab_size, teacher_config, log)
+    try:
+        t_vocab = TokenBytes.from_tokenizer(t_tok, vocab_size=teacher_vocab_size,
+                                            name=f"teacher tokenizer ({recipe.teacher.path})")
+        s_vocab = TokenBytes.from_tokenizer(s_tok, name=f"student tokenizer ({recipe.student.tokenizer})")
+        t_bos, t_src = resolve_bos(t_tok, recipe.teacher.bos_token)
+        s_bos, s_src = resolve_bos(s_tok)
+        if recipe.distill.method == "token_kd":
+            check_same_tokenizer(t_vocab, s_vocab)
+    except ValueError as err:
+        if type(err) is not ValueError:  # already a named refusal (e.g. a data or recipe error)
+            raise
+        raise TokenizerError(str(err)) from err
     log(f"teacher BOS id {t_bos} ({t_src}); student BOS id {s_bos} ({s_src})")
-    if recipe.distill.method == "token_kd":
-        check_same_tokenizer(t_vocab, s_vocab)
     return Sides(t_tok, s_tok, t_vocab, s_vocab, t_bos, s_bos, getattr(t_tok, "eos_token_id", None))
 
 
@@ -89,7 +104,7 @@ def setup_student(recipe: Recipe, vocab_size: int):
     s = recipe.student
     config = student_config_dict(recipe)
     if config.get("vocab_size") not in (None, vocab_size):
-        raise ValueError(f"student.config has vocab_size={config['vocab_size']} but the student "
+        raise RecipeError(f"student.config has vocab_size={config['vocab_size']} but the student "
                          f"tokenizer has {vocab_size} ids: remove vocab_size from the config (it is "
                          "filled from the tokenizer) or use the matching tokenizer")
     config["vocab_size"] = vocab_size

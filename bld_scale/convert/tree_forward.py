@@ -1,6 +1,6 @@
 """One teacher forward over a prefix and a tree of continuations (a tree-shaped attention mask).
 
-The exact byte conversion (`bld_scale.byteconv_exact`) needs the teacher's next-token
+The exact byte conversion (`bld_scale.convert.exact`) needs the teacher's next-token
 distribution after many contexts that share the canonical prefix `[BOS] t_1 .. t_a` and differ in a
 few tokens after it. Running each context alone repeats the shared prefix each time; here they
 all go into one sequence:

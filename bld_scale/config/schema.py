@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # bld_scale/config/schema.py -> the repo
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DS_CONFIG_NAMES = ("zero3", "zero3_offload", "zero2")
 BUILTIN_PREFIX = "builtin:"

@@ -55,7 +55,7 @@ def test_help_lists_every_key_with_type_default_and_meaning(tmp_path):
     assert len(keys) > 40
     for key, f, default in keys:
         help_text = f.metadata.get("help", "")
-        assert help_text.strip(), f"{key}: no help text; give it metadata help in bld_scale/config.py"
+        assert help_text.strip(), f"{key}: no help text; give it metadata help in bld_scale/config/schema.py"
         (at,) = [i for i, line in enumerate(lines) if line.startswith(f"  {key} (")]
         assert lines[at].endswith(f"; default {_as_written(default)})"), (key, lines[at])
         assert lines[at + 1].strip() == help_text, key

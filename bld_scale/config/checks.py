@@ -1,0 +1,157 @@
+"""Recipe checks: input paths exist, values in range, what this machine must provide; and the
+path walk that resolves relative paths (rules in schema.py's docstring).
+
+Registers `validate_paths` / `validate_attention` as the bodies of the `Recipe` methods of those
+names (schema.py cannot import this module: it is imported by it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from pathlib import Path
+
+from bld_scale.config.schema import (_RECIPE_CHECKS, BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_NAMES, DeepSpeedConfig,
+                                     Recipe, RecipeError)
+
+
+def validate_paths(recipe: Recipe) -> None:
+    """Refuse missing input files, naming the key and the path. Cheap: stats only."""
+    _walk_paths(recipe, "", _check_exists)
+    if recipe.deepspeed.config not in DS_CONFIG_NAMES and not Path(recipe.deepspeed.config).is_file():
+        raise RecipeError(f"deepspeed.config: {recipe.deepspeed.config!r} is neither one of "
+                          f"{list(DS_CONFIG_NAMES)} nor an existing JSON file")
+    for key in ("teacher.path", "student.tokenizer"):
+        if _get(recipe, key) is None:
+            raise RecipeError(f"{key}: required, but not set")
+    tp = Path(recipe.teacher.path)
+    if tp.is_dir() and not (tp / "config.json").is_file():
+        raise RecipeError(f"teacher.path: no config.json in {tp} (an HF model folder is expected)")
+    if recipe.student.config is None:
+        raise RecipeError("student.config: required (a config.json path or a dict)")
+    if not recipe.data.train:
+        raise RecipeError("data.train: required (files, globs or builtin:train)")
+
+
+def validate_attention(recipe: Recipe) -> None:
+    """Refuse a forced FlashAttention-2 this machine cannot run, before transformers fails on it."""
+    if recipe.student.attn_implementation == "flash_attention_2":
+        problem = flash_attention_problem()
+        if problem is not None:
+            raise RecipeError(
+                f"student.attn_implementation: flash_attention_2 needs the flash-attn package and a "
+                f"CUDA device, but {problem}; set student.attn_implementation=auto (FlashAttention-2 "
+                f"where available, else PyTorch SDPA) or install flash-attn on a GPU machine "
+                f"(pip install flash-attn --no-build-isolation)")
+
+
+def flash_attention_problem() -> str | None:
+    """Why FlashAttention-2 cannot run here (None: it can): flash_attn must import and CUDA be present.
+
+    Lives here, not in bld_scale.model, so that recipe validation (the lowest layer) can ask too.
+    An import, not just a package lookup: a flash_attn built for another torch is installed but
+    fails to import, and must count as absent.
+    """
+    try:
+        import flash_attn
+    except ImportError as err:  # includes a wheel built for another torch (undefined symbol)
+        if isinstance(err, ModuleNotFoundError) and err.name == "flash_attn":
+            return "the flash_attn package is not installed"
+        return f"flash_attn fails to import ({err})"
+    version = str(getattr(flash_attn, "__version__", "0"))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 2:
+        return f"flash_attn {version} is installed (FlashAttention-2 needs version 2)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _get(recipe: Recipe, key: str):
+    obj = recipe
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _walk_paths(obj, prefix: str, fn) -> None:
+    """Call fn(key, value, metadata) on each path field; a non-None return replaces the value."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _walk_paths(value, prefix + f.name + ".", fn)
+        elif f.metadata.get("path") and value is not None:
+            new = fn(prefix + f.name, value, f.metadata)
+            if new is not None:
+                setattr(obj, f.name, new)
+    if isinstance(obj, DeepSpeedConfig) and obj.config not in DS_CONFIG_NAMES:
+        # Names stay names; anything else is a path, resolved like an input.
+        new = fn(prefix + "config", obj.config, {"path": "input", "must_exist": True, "glob": False,
+                                                  "_ds": True})
+        if new is not None:
+            obj.config = new
+
+
+def _resolve(value, meta: dict, base: Path):
+    if isinstance(value, dict):  # student.config given inline
+        return value
+    if isinstance(value, list):
+        return [_resolve(v, meta, base) for v in value]
+    if value.startswith(BUILTIN_PREFIX):
+        return value
+    p = Path(os.path.expanduser(value))
+    if meta.get("path") == "output":
+        base = Path.cwd()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _check_exists(key: str, value, meta: dict) -> None:
+    if not meta.get("must_exist") or isinstance(value, dict):
+        return
+    for i, v in enumerate(value if isinstance(value, list) else [value]):
+        k = f"{key}[{i}]" if isinstance(value, list) else key
+        if v.startswith(BUILTIN_PREFIX):
+            if v[len(BUILTIN_PREFIX):] not in BUILTIN_SPLITS:
+                raise RecipeError(f"{k}: unknown builtin corpus {v!r}; valid: "
+                                  f"{', '.join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)}")
+        elif meta.get("glob") and glob.has_magic(v):
+            if not glob.glob(v, recursive=True):
+                raise RecipeError(f"{k}: no file matches the pattern {v}")
+        elif not os.path.exists(v):
+            raise RecipeError(f"{k}: path does not exist: {v}")
+
+
+def _check_values(r: Recipe) -> None:
+    """Ranges and cross-field rules that types cannot say."""
+    rules = [
+        ("student.K", r.student.K >= 1, "must be >= 1"),
+        ("student.head_num_layers", r.student.head_num_layers >= 1, "must be >= 1"),
+        ("data.window_bytes", r.data.window_bytes >= 1, "must be >= 1"),
+        ("distill.lambda_b", r.distill.lambda_b >= 0, "must be >= 0"),
+        ("distill.lambda_kl", r.distill.lambda_kl >= 0, "must be >= 0"),
+        ("distill.beta", 0.0 <= r.distill.beta <= 1.0, "must be in [0, 1]"),
+        ("distill.temperature", r.distill.temperature > 0, "must be > 0"),
+        ("distill.exact_chunk_tokens", r.distill.exact_chunk_tokens >= 1, "must be >= 1"),
+        ("train.max_steps", r.train.max_steps >= 1, "must be >= 1"),
+        ("train.micro_batch_size", r.train.micro_batch_size >= 1, "must be >= 1"),
+        ("train.grad_accum", r.train.grad_accum >= 1, "must be >= 1"),
+        ("train.lr", r.train.lr > 0, "must be > 0"),
+        ("train.warmup_steps", r.train.warmup_steps >= 0, "must be >= 0"),
+        ("train.min_lr_ratio", 0.0 <= r.train.min_lr_ratio <= 1.0, "must be in [0, 1]"),
+        ("train.weight_decay", r.train.weight_decay >= 0, "must be >= 0"),
+        ("train.grad_clip", r.train.grad_clip >= 0, "must be >= 0 (0 disables)"),
+        ("train.log_interval", r.train.log_interval >= 1, "must be >= 1"),
+        ("train.eval_interval", r.train.eval_interval >= 0, "must be >= 0 (0 disables)"),
+        ("checkpoint.interval", r.checkpoint.interval >= 0, "must be >= 0 (0 disables)"),
+        ("checkpoint.keep", r.checkpoint.keep >= 1, "must be >= 1"),
+        ("data.format", not (r.data.format != "text" and any(
+            t.startswith(BUILTIN_PREFIX) for t in r.data.train + r.data.heldout)),
+         "builtin corpora are text; use format: text"),
+    ]
+    for key, ok, msg in rules:
+        if not ok:
+            raise RecipeError(f"{key}: {msg}, got {_get(r, key)!r}")
+
+
+_RECIPE_CHECKS.update(paths=validate_paths, attention=validate_attention)

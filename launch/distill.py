@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     from bld_scale.checkpoint.preemption import install_stop_handlers
 
     stop = install_stop_handlers()
-    from bld_scale.config import recipe_keys_help, recipe_yaml  # light: no transformers, no models
+    # light: no transformers, no models
+    from bld_scale.config import recipe_keys_help, recipe_yaml, validate_attention, validate_paths
 
     parser = argparse.ArgumentParser(description=__doc__, epilog=recipe_keys_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,8 +63,8 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # once, also under a launcher
             print(recipe_yaml(recipe), end="", flush=True)
             try:
-                recipe.validate_paths()
-                recipe.validate_attention()
+                validate_paths(recipe)
+                validate_attention(recipe)
             except RecipeError as err:
                 print(f"bld_scale: note: this recipe would not run on this machine: {err}", file=sys.stderr)
         return 0

@@ -5,10 +5,9 @@
 - checks.py: paths exist, values in range, what this machine must provide (flash-attn, CUDA);
 - keys_help.py: every key with type, default and help, for `launch/distill.py --help`.
 
-Import from here (`from bld_scale.config import load_recipe`); importing the package also
-registers checks.py's functions behind `Recipe.validate_paths` / `Recipe.validate_attention`.
+Import from here (`from bld_scale.config import load_recipe`).
 """
-from bld_scale.config.checks import flash_attention_problem
+from bld_scale.config.checks import flash_attention_problem, validate_attention, validate_paths
 from bld_scale.config.keys_help import format_default, recipe_keys_help
 from bld_scale.config.loading import apply_override, load_recipe, recipe_from_dict, recipe_yaml, save_resolved
 from bld_scale.config.schema import (BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_DIR, DS_CONFIG_NAMES, REPO_ROOT,
@@ -20,5 +19,5 @@ __all__ = [
     "CheckpointConfig", "DataConfig", "DeepSpeedConfig", "DistillConfig", "LoggingConfig", "Recipe",
     "RecipeError", "StudentConfig", "TeacherConfig", "TrainConfig",
     "apply_override", "flash_attention_problem", "format_default", "load_recipe", "recipe_from_dict",
-    "recipe_keys_help", "recipe_yaml", "save_resolved",
+    "recipe_keys_help", "recipe_yaml", "save_resolved", "validate_attention", "validate_paths",
 ]

@@ -1,8 +1,8 @@
 """Recipe checks: input paths exist, values in range, what this machine must provide; and the
 path walk that resolves relative paths (rules in schema.py's docstring).
 
-Registers `validate_paths` / `validate_attention` as the bodies of the `Recipe` methods of those
-names (schema.py cannot import this module: it is imported by it).
+`load_recipe(check_paths=True)` runs `validate_paths` and `validate_attention`; the entry point's
+`--print-recipe` runs them itself, to note (not refuse) what this machine lacks.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import glob
 import os
 from pathlib import Path
 
-from bld_scale.config.schema import (_RECIPE_CHECKS, BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_NAMES, DeepSpeedConfig,
+from bld_scale.config.schema import (BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_NAMES, DeepSpeedConfig,
                                      Recipe, RecipeError)
 
 
@@ -153,5 +153,3 @@ def _check_values(r: Recipe) -> None:
         if not ok:
             raise RecipeError(f"{key}: {msg}, got {_get(r, key)!r}")
 
-
-_RECIPE_CHECKS.update(paths=validate_paths, attention=validate_attention)

@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import yaml
 
-from bld_scale.config.checks import _check_values, _resolve, _walk_paths
+from bld_scale.config.checks import _check_values, _resolve, _walk_paths, validate_attention, validate_paths
 from bld_scale.config.schema import DS_CONFIG_NAMES, DeepSpeedConfig, Recipe, RecipeError
 
 
@@ -44,8 +44,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
         apply_override(recipe, item)
     _check_values(recipe)
     if check_paths:
-        recipe.validate_paths()
-        recipe.validate_attention()
+        validate_paths(recipe)
+        validate_attention(recipe)
     return recipe
 
 

@@ -29,7 +29,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # bld_scale/config/schema.py -> the repo
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -190,19 +190,3 @@ class Recipe:
         """The DeepSpeed JSON this recipe names (a shipped name or a resolved path)."""
         c = self.deepspeed.config
         return DS_CONFIG_DIR / f"{c}.json" if c in DS_CONFIG_NAMES else Path(c)
-
-    def validate_paths(self) -> "Recipe":
-        """Refuse missing input files, naming the key and the path. Cheap: stats only."""
-        _RECIPE_CHECKS["paths"](self)
-        return self
-
-    def validate_attention(self) -> "Recipe":
-        """Refuse a forced FlashAttention-2 this machine cannot run, before transformers fails on it."""
-        _RECIPE_CHECKS["attention"](self)
-        return self
-
-
-# The checks behind the two methods above live in bld_scale.config.checks, which imports this module;
-# it fills this table when it is imported (the package __init__ imports it, so it always is before a
-# Recipe exists), so that this module needs no import back: no import cycle.
-_RECIPE_CHECKS: dict[str, Callable[[Recipe], None]] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bld_scale.config import RecipeError, flash_attention_problem, load_recipe
+from bld_scale.config import RecipeError, flash_attention_problem, load_recipe, validate_attention
 from bld_scale.model.student import flash_attention_available, pick_attn_implementation
 
 DEMO = Path(__file__).resolve().parents[2] / "launch" / "recipes" / "demo.yaml"  # its files exist
@@ -85,7 +85,7 @@ def test_machine_checks_are_skipped_for_another_machine(machine):
 @pytest.mark.parametrize("recipe", sorted(DEMO.parent.glob("*.yaml")), ids=lambda p: p.name)
 def test_no_shipped_recipe_needs_flash_attn(machine, recipe):
     machine("absent", False)
-    load_recipe(recipe, check_paths=False).validate_attention()
+    validate_attention(load_recipe(recipe, check_paths=False))
 
 
 def test_auto_attention_of_an_fp32_run_is_sdpa_even_with_flash_attention(monkeypatch):

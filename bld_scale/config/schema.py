@@ -124,6 +124,10 @@ class DistillConfig:
     conversion: str = _choice("cover", ("cover", "within_token", "exact"),
                               "bld: how teacher token probabilities become next-byte distributions")
     exact_chunk_tokens: int = _opt(16384, "conversion exact: query positions per tree forward (memory bound)")
+    conversion_backend: str = _choice("torch", ("auto", "torch", "triton"),
+                                      "conversion cover/within_token: what computes the running sums; torch: "
+                                      "any device; triton: fused kernels on CUDA; auto: triton on CUDA when "
+                                      "triton imports, else torch (same numbers to float64 rounding)")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from bld_scale.convert.backends import check_backend
 from bld_scale.convert.byte_rows import pad_byte_rows
 from bld_scale.convert.exact import BATCH_CHUNK_TOKENS, byte_logprobs_exact, exact_byte_targets
 from bld_scale.convert.one_pass import byte_logprobs_one_pass
@@ -36,7 +37,8 @@ def check_mode(mode: str) -> None:
 
 @torch.no_grad()
 def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *,
-                  eos_id: int | None = None, mode: str = "cover", **exact) -> torch.Tensor:
+                  eos_id: int | None = None, mode: str = "cover", backend: str = "torch",
+                  **exact) -> torch.Tensor:
     """Next-byte log-probabilities `[N + 1, 257]` of the teacher over one text.
 
     logprobs: `[L + 1, V]` teacher log-probabilities (float32 or bfloat16; computed in float32 /
@@ -45,18 +47,23 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
     eos_id: the teacher's end-of-sequence token; None gives EOT no mass before the end.
     mode: "cover" (default), "within_token", or "exact" (needs `teacher=`; further keyword
       arguments go to `bld_scale.convert.exact.byte_logprobs_exact`).
+    backend: "torch" (default), "triton" or "auto" (triton on CUDA tensors when triton imports):
+      what computes the one-pass running sums (`bld_scale.convert.backends`); same numbers to
+      float64 rounding. Mode "exact" always runs the torch path.
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
     """
     check_mode(mode)
+    check_backend(backend)
     if mode == "exact":
         return byte_logprobs_exact(logprobs, ids, vocab, eos_id=eos_id, **exact)
     if exact:
         raise TypeError(f"mode {mode!r} takes no {', '.join(exact)} (only mode 'exact' does)")
-    return byte_logprobs_one_pass(logprobs, ids, vocab, eos_id=eos_id, within_token=mode == "within_token")
+    return byte_logprobs_one_pass(logprobs, ids, vocab, eos_id=eos_id, within_token=mode == "within_token",
+                                  backend=backend)
 
 
 def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vocab: TokenBytes, *,
-                        eos_id: int | None = None, mode: str = "cover", **exact):
+                        eos_id: int | None = None, mode: str = "cover", backend: str = "torch", **exact):
     """Batched `byte_logprobs`.
 
     logprobs: padded `[B, L_max + 1, V]`; ids: B lists of canonical tokens (row b uses its first
@@ -66,20 +73,22 @@ def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vo
     if logprobs.dim() != 3 or logprobs.shape[0] != len(ids):
         raise ValueError(f"logprobs must be [B, L_max + 1, V] with B = len(ids) = {len(ids)}; got "
                          f"{tuple(logprobs.shape)}")
-    rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, **exact)
+    rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, backend=backend,
+                          **exact)
             for b, seq in enumerate(ids)]
     return pad_byte_rows(rows)
 
 
 def byte_logprobs_packed(logprobs: torch.Tensor, batch, vocab: TokenBytes, *, eos_id: int | None = None,
-                         mode: str = "cover") -> tuple[torch.Tensor, torch.Tensor]:
+                         mode: str = "cover", backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """`byte_logprobs` of each window of a packed batch, on its own slice of the packed row.
 
     logprobs: `[1, T, V]` over the packed teacher row. Returns `(out [1, R, 257], mask [1, R])`,
     the windows' rows end to end (`batch.packing.byte_row_bounds`).
     """
     bounds = batch.packing.teacher_bounds
-    rows = [byte_logprobs(logprobs[0, bounds[b]:bounds[b + 1]], ids, vocab, eos_id=eos_id, mode=mode)
+    rows = [byte_logprobs(logprobs[0, bounds[b]:bounds[b + 1]], ids, vocab, eos_id=eos_id, mode=mode,
+                          backend=backend)
             for b, ids in enumerate(batch.teacher_ids)]
     return _end_to_end(rows, batch)
 
@@ -118,7 +127,7 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
                          teacher_model=None, eos_id: int | None = None,
                          exact_chunk_tokens: int = BATCH_CHUNK_TOKENS,
                          agree_forwards: Callable[[int], int] | None = None,
-                         with_token_logprobs: bool = False) -> TeacherTargets:
+                         with_token_logprobs: bool = False, backend: str = "torch") -> TeacherTargets:
     """The teacher's next-byte targets of a padded (or packed) batch, for any conversion mode.
 
     batch: anything with `teacher_input_ids`, `teacher_attention_mask` (`[B, L_max + 1]`, BOS
@@ -131,6 +140,8 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
       count every rank makes (see `exact.exact_byte_targets`).
     with_token_logprobs: make the one-pass forward in mode "exact" too (before the tree
       forwards), for callers that also need the teacher's token log-probabilities.
+    backend: what computes the one-pass running sums ("torch", "triton", "auto": see `byte_logprobs`;
+      recipe key distill.conversion_backend).
     Returns `TeacherTargets(byte_logprobs, mask, token_logprobs)`; `token_logprobs` is None when
     no one-pass forward was made. A packed batch (`batch.packing` set) gives `[1, R, 257]` / `[1, T, V]`
     (its windows end to end); mode "exact" then makes its tree forwards window by window, as for a
@@ -138,6 +149,7 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
     """
     packed = getattr(batch, "packing", None) is not None
     check_mode(conversion)
+    check_backend(backend)
     logprobs = None
     if conversion in ONE_PASS_MODES or with_token_logprobs:
         if teacher_forward is None:
@@ -153,7 +165,8 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
             lengths = mask.sum(dim=1).tolist()
             q, mask = _end_to_end((q[b, :n] for b, n in enumerate(lengths)), batch)
     elif packed:
-        q, mask = byte_logprobs_packed(logprobs, batch, vocab, eos_id=eos_id, mode=conversion)
+        q, mask = byte_logprobs_packed(logprobs, batch, vocab, eos_id=eos_id, mode=conversion, backend=backend)
     else:
-        q, mask = byte_logprobs_batch(logprobs, batch.teacher_ids, vocab, eos_id=eos_id, mode=conversion)
+        q, mask = byte_logprobs_batch(logprobs, batch.teacher_ids, vocab, eos_id=eos_id, mode=conversion,
+                                      backend=backend)
     return TeacherTargets(q, mask, logprobs)

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bld_scale.convert.backends import running_sums_class
 from bld_scale.convert.byte_rows import EOT, check_logprobs, normalise_rows, start_rows
 from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
 from bld_scale.tokenize.token_bytes import TokenBytes
@@ -54,7 +55,8 @@ def one_pass_splits(data: bytes, starts: np.ndarray, vocab: TokenBytes, *, withi
 
 @torch.no_grad()
 def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *,
-                           eos_id: int | None = None, within_token: bool = False) -> torch.Tensor:
+                           eos_id: int | None = None, within_token: bool = False,
+                           backend: str = "torch") -> torch.Tensor:
     """Next-byte log-probabilities `[N + 1, 257]` of mode "cover" (or "within_token").
 
     logprobs: `[L + 1, V]` teacher log-probabilities (float32 or bfloat16; computed in float32 /
@@ -62,10 +64,12 @@ def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: To
     ids: the L canonical teacher tokens of the text; vocab: their `TokenBytes`.
     eos_id: the teacher's end-of-sequence token; None gives EOT no mass before the end.
     within_token: keep only the canonical token holding each offset (mode "within_token").
+    backend: "torch", "triton" or "auto": what computes the running sums (`bld_scale.convert.backends`).
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
     """
     check_logprobs(logprobs, ids, vocab, eos_id)
     device = logprobs.device
+    running_sums = running_sums_class(backend, device)
     data, starts, out, log_prefix = start_rows(logprobs, ids, vocab)
     if not data:
         return out.float()
@@ -77,7 +81,8 @@ def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: To
     split_k, split_n, split_node = one_pass_splits(data, starts, vocab, within_token=within_token)
     index = vocab.index
     memory = logprobs.numel() * logprobs.element_size()
-    edges = split_edges(logprobs[: len(ids)], split_k, split_n, split_node, log_prefix, index, memory)
+    edges = split_edges(logprobs[: len(ids)], split_k, split_n, split_node, log_prefix, index, memory,
+                        running_sums=running_sums)
     if edges["value"].numel():
         tables = index.torch_tables(device)
         eot_only = out.clone()

@@ -66,12 +66,13 @@ def refine_small_masses(out, edges, log_prefix, logprobs, perm) -> bool:
 
 
 def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray, split_node: np.ndarray,
-                log_weight: torch.Tensor, index, memory_bytes: int) -> dict:
+                log_weight: torch.Tensor, index, memory_bytes: int, running_sums=None) -> dict:
     """One edge per (split, next byte): `log_weight[row] + log M_row(prefix + byte)` and its cell.
 
     Split s reads distribution `rows[split_row[s]]` at the trie node `split_node[s]` and feeds
     output row `split_end[s]`. Returns tensors `k` (row), `lo`, `hi` (sorted range), `target`
-    (flat output cell) and `value`, shared by `cover` and `exact`.
+    (flat output cell) and `value`, shared by `cover` and `exact`. running_sums: the class that
+    computes the masses (`RunningSums` by default; see `bld_scale.convert.backends`).
     """
     device = rows.device
     tables = index.torch_tables(device)
@@ -81,7 +82,7 @@ def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray
     edge_offsets = np.concatenate([[0], np.cumsum(counts)])
     sorted_size = index.perm.size
     chunk = chunk_rows(rows.shape[0], sorted_size, memory_bytes)
-    running = RunningSums(chunk, sorted_size, device)
+    running = (running_sums or RunningSums)(chunk, sorted_size, device)
     edges = {"k": [], "lo": [], "hi": [], "target": [], "value": []}
     for k0 in range(0, rows.shape[0], chunk):
         k1 = min(k0 + chunk, rows.shape[0])

@@ -119,7 +119,7 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
         q, q_mask, _ = teacher_byte_targets(batch, teacher_vocab, conversion=cfg.conversion,
                                             teacher_forward=teacher_forward, teacher_model=teacher_model,
                                             eos_id=teacher_eos_id, exact_chunk_tokens=cfg.exact_chunk_tokens,
-                                            agree_forwards=agree_forwards)
+                                            agree_forwards=agree_forwards, backend=cfg.conversion_backend)
         rows, row_mask = gather_teacher_rows(q, batch.teacher_rows, q_mask)
         loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
                               rows, row_mask, lambda_b=cfg.lambda_b, lambda_kl=cfg.lambda_kl,

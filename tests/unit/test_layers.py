@@ -39,6 +39,8 @@ CONVERT_LAYERS = {
     "bld_scale.convert.byte_rows": 0,
     "bld_scale.convert.running_sums": 1,
     "bld_scale.convert.tree_forward": 1,
+    "bld_scale.convert.triton_sums": 1,
+    "bld_scale.convert.backends": 2,
     "bld_scale.convert.exact_contexts": 2,
     "bld_scale.convert.one_pass": 3,
     "bld_scale.convert.exact": 3,

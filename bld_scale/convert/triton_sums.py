@@ -1,0 +1,82 @@
+"""Running sums and range masses of one-pass conversions in Triton kernels (backend "triton").
+
+The same numbers as `bld_scale.convert.running_sums.RunningSums`, with less memory traffic: one
+kernel reads each row of log-probabilities once, gathered through the sorted-vocabulary
+permutation inside the kernel, exponentiates in float32 (as the torch path does) and writes the
+float64 running sums `S(0..size)`; a second kernel turns each edge's sorted range `[lo, hi)` into
+its mass `S(hi) - S(lo)` (float64, clamped at 0). No float32 copy of the gathered row and no
+float64 copy before the scan are materialised (8 bytes per entry instead of 20).
+
+Precision: sums are float64 within a block (`tl.cumsum`) and the block totals are carried in
+float64, so a range mass keeps the torch path's absolute error (~1e-15 of the row's total); the
+order of the float64 additions differs from `torch.cumsum`, so results agree to that rounding,
+not bit for bit. Compensated float32 was not used: float64 costs little next to the gather, and
+it keeps `refine_small_masses` (which assumes float64 running sums) valid unchanged.
+
+Triton decides at kernel definition whether to interpret (`TRITON_INTERPRET=1`, which runs the
+kernels on CPU tensors, slowly), so this module is imported only when the backend is used
+(`bld_scale.convert.backends`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_SCAN_BLOCK = 1024
+_EDGE_BLOCK = 1024
+
+
+@triton.jit
+def _running_sums_kernel(lp_ptr, lp_row_stride, perm_ptr, sums_ptr, size, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lp_row = lp_ptr + row * lp_row_stride
+    sums_row = sums_ptr + row * (size + 1)
+    tl.store(sums_row, tl.zeros((), dtype=tl.float64))  # S(0) = 0
+    carry = tl.zeros((), dtype=tl.float64)
+    for start in range(0, size, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < size
+        col = tl.load(perm_ptr + offs, mask=inside, other=0)
+        lp = tl.load(lp_row + col, mask=inside, other=0.0).to(tl.float32)
+        p = tl.where(inside, tl.exp(lp).to(tl.float64), 0.0)
+        s = tl.cumsum(p, axis=0) + carry
+        tl.store(sums_row + 1 + offs, s, mask=inside)
+        carry = tl.max(tl.where(inside, s, 0.0), axis=0)  # the block's last sum (sums never decrease)
+
+
+@triton.jit
+def _range_mass_kernel(sums_ptr, row_ptr, lo_ptr, hi_ptr, out_ptr, n, size, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    base = tl.load(row_ptr + offs, mask=inside, other=0) * (size + 1)
+    s_hi = tl.load(sums_ptr + base + tl.load(hi_ptr + offs, mask=inside, other=0), mask=inside, other=0.0)
+    s_lo = tl.load(sums_ptr + base + tl.load(lo_ptr + offs, mask=inside, other=0), mask=inside, other=0.0)
+    tl.store(out_ptr + offs, tl.maximum(s_hi - s_lo, 0.0), mask=inside)
+
+
+class TritonRunningSums:
+    """`RunningSums`'s interface (`load`, `mass`) on the Triton kernels."""
+
+    def __init__(self, rows: int, size: int, device):
+        self.size = size
+        self.sums = torch.empty((rows, size + 1), dtype=torch.float64, device=device)
+
+    def load(self, logprobs: torch.Tensor, perm: torch.Tensor) -> None:
+        if logprobs.stride(1) != 1:
+            logprobs = logprobs.contiguous()
+        r = logprobs.shape[0]
+        if r and self.size:
+            _running_sums_kernel[(r,)](logprobs, logprobs.stride(0), perm, self.sums, self.size,
+                                       BLOCK=_SCAN_BLOCK)
+        elif r:
+            self.sums[:r, 0] = 0.0
+
+    def mass(self, row: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        n = row.numel()
+        out = torch.empty(n, dtype=torch.float64, device=self.sums.device)
+        if n:
+            _range_mass_kernel[(triton.cdiv(n, _EDGE_BLOCK),)](self.sums, row.contiguous(), lo.contiguous(),
+                                                               hi.contiguous(), out, n, self.size,
+                                                               BLOCK=_EDGE_BLOCK)
+        return out

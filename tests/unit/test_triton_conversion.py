@@ -1,0 +1,227 @@
+"""Conversion backend "triton" against the torch backend and the brute force, on the CPU.
+
+The Triton kernels run here under the Triton interpreter (`TRITON_INTERPRET=1`, exact semantics,
+slow): Triton reads that variable when a kernel is defined, so the module fixture sets it before
+`bld_scale.convert.triton_sums` is first imported, and restores the environment afterwards.
+
+Tolerances (the byte rows are float32; nothing tighter than float32 is comparable). Both
+backends exponentiate in float32 (exps that may differ by 1 ulp, ~1.2e-7 relative, between
+libraries) and sum in float64 in different orders. A range mass S(hi) - S(lo) contains only its
+own tokens' exps, so it differs by <= ~2.4e-7 relative plus the float64 cancellation, which
+`refine_small_masses` keeps below 1e-9 of each byte row's total (its documented tolerance; rows
+made only of masses below that are re-summed directly by both). Hence probabilities to 2e-7
+(float32 exps and output rounding), and log-probabilities where the probability exceeds 1e-12 to
+1e-6 + 2e-7 |log p| + 2e-9 / p (float32 spacing of the value, plus each backend's 1e-9 of the
+row). A cell below ~1e-16 of a distribution's mass may come out -inf from one backend and finite
+from the other (both are within their absolute error there).
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+# Triton decides whether to interpret when it defines a kernel, its own standard-library ones
+# included (at `import triton`): import it under TRITON_INTERPRET=1, and leave the environment
+# as it was for the rest of the session.
+with pytest.MonkeyPatch.context() as _env:
+    _env.setenv("TRITON_INTERPRET", "1")
+    triton = pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import bld_scale.convert.triton_sums as triton_sums
+if not isinstance(triton.language.standard.zeros, InterpretedFunction):
+    pytest.skip("triton was imported earlier in this session without TRITON_INTERPRET=1 (e.g. by the "
+                "GPU tests): run this module in its own pytest session", allow_module_level=True)
+
+from bld_scale.convert import byte_logprobs, byte_logprobs_batch  # noqa: E402
+from bld_scale.convert.backends import running_sums_class  # noqa: E402
+from bld_scale.convert.dispatch import teacher_byte_targets  # noqa: E402
+from bld_scale.convert.running_sums import RunningSums  # noqa: E402
+from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+from test_byteconv import REAL_TEXT, SMALL, assert_matches, brute_force, random_logprobs  # noqa: E402
+from vocab_tables import table_vocab  # noqa: E402
+
+P_TOLERANCE = 2e-7
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    """The kernels' module, with TRITON_INTERPRET=1 set while this module's tests run (the backend
+    refuses CPU tensors without it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield triton_sums
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 64 entries, so that a small vocabulary spans several scan blocks (carries)."""
+    monkeypatch.setattr(triton_sums, "_SCAN_BLOCK", 64)
+    monkeypatch.setattr(triton_sums, "_EDGE_BLOCK", 64)
+
+
+def assert_backends_agree(triton_out, torch_out):
+    assert triton_out.shape == torch_out.shape and triton_out.dtype == torch_out.dtype
+    a, b = triton_out.double(), torch_out.double()
+    assert float((a.exp() - b.exp()).abs().max()) <= P_TOLERANCE
+    p = b.exp()
+    big = p > 1e-12
+    bound = 1e-6 + 2e-7 * b[big].abs() + 2e-9 / p[big]
+    assert bool(((a[big] - b[big]).abs() <= bound).all())
+
+
+def both(lp, ids, vocab, **kw):
+    return (byte_logprobs(lp, ids, vocab, backend="triton", **kw),
+            byte_logprobs(lp, ids, vocab, backend="torch", **kw))
+
+
+# ---------------------------------------------------------------------- the kernels themselves
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_masses_match_float64_sums(interpreter, dtype):
+    """Masses of random ranges against direct float64 sums (an independent reference)."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab_size, size = 5, 3000, 2990  # several scan blocks, a perm shorter than the row
+    full = torch.log_softmax(torch.randn(rows, vocab_size + 7, generator=g) * 5, -1).to(dtype)
+    lp = full[:, 3: vocab_size + 3]  # rows with a stride, not contiguous as a whole
+    perm = torch.randperm(vocab_size, generator=g)[:size]
+    sums = interpreter.TritonRunningSums(rows + 2, size, "cpu")  # more rows than loaded, as in chunks
+    sums.load(lp, perm)
+    lo = torch.randint(0, size, (400,), generator=g)
+    hi = torch.minimum(lo + torch.randint(0, 300, (400,), generator=g), torch.tensor(size))
+    row = torch.randint(0, rows, (400,), generator=g)
+    got = sums.mass(row, lo, hi)
+    p = lp.double().exp()[:, perm]
+    ref = torch.stack([p[r, a:b].sum() for r, a, b in zip(row.tolist(), lo.tolist(), hi.tolist())])
+    assert got.dtype == torch.float64
+    assert bool(((got - ref).abs() <= 2.4e-7 * ref + 1e-15).all())  # float32 exp: <= 1 ulp each
+    torch_sums = RunningSums(rows, size, "cpu")
+    torch_sums.load(lp, perm)
+    # both sum the same exps (to 1 ulp) in float64
+    assert bool(((sums.sums[:rows] - torch_sums.sums).abs() <= 2.4e-7 * torch_sums.sums + 1e-15).all())
+    assert torch.equal(sums.mass(row[:0], lo[:0], hi[:0]), torch.zeros(0, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------- backend choice
+def test_backend_choice_and_refusals(monkeypatch):
+    assert running_sums_class("auto", torch.device("cpu")) is RunningSums
+    assert running_sums_class("torch", torch.device("cpu")) is RunningSums
+    vocab = table_vocab(SMALL)
+    ids, _ = vocab.encode("the")
+    lp = random_logprobs(len(ids) + 1, vocab.vocab_size, 1.0, 0)
+    with pytest.raises(ValueError, match="unknown conversion backend 'cuda'"):
+        byte_logprobs(lp, ids, vocab, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        byte_logprobs(lp, ids, vocab, backend="triton")
+    byte_logprobs(lp, ids, vocab, backend="auto")  # the torch path: runs without the interpreter
+
+
+def test_recipe_key_takes_the_three_backends():
+    from bld_scale.config import DistillConfig
+
+    assert DistillConfig().conversion_backend == "torch"
+    for name in ("auto", "torch", "triton"):
+        assert DistillConfig(conversion_backend=name).conversion_backend == name
+
+
+# ---------------------------------------------------------------------- conversions
+@pytest.mark.parametrize("mode", ["cover", "within_token"])
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_small_vocab_triton_equals_torch_and_brute_force(mode, scale, small_blocks):
+    vocab = table_vocab(SMALL)
+    ids, _ = vocab.encode("the there here, they é😀 these")
+    lp = random_logprobs(len(ids) + 1, vocab.vocab_size, scale, seed=3)
+    eos = vocab.vocab_size - 1
+    got, ref = both(lp, ids, vocab, eos_id=eos, mode=mode)
+    assert_backends_agree(got, ref)
+    assert_matches(got, brute_force(lp, ids, vocab, eos_id=eos, mode=mode))
+
+
+@pytest.mark.parametrize("tiny", [1e-8, 1e-15])
+def test_vanishing_masses_are_refined_the_same_way(tiny, small_blocks):
+    """The text's tokens and everything covering it get ~`tiny` of each row: whole byte rows are
+    made of masses a difference of running sums cannot resolve, so both backends re-sum them."""
+    vocab = table_vocab(SMALL)
+    ids, _ = vocab.encode("there these")
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(len(ids) + 1, vocab.vocab_size, generator=g)
+    data = b"".join(vocab.token_bytes(i) for i in ids)
+    for v in range(vocab.vocab_size):
+        piece = vocab.token_bytes(v)
+        if piece and piece[0] in data:  # any token that could continue the text
+            logits[:, v] += float(np.log(tiny)) - 3.0 * float(torch.rand(1, generator=g))
+    lp = torch.log_softmax(logits, -1)
+    got, ref = both(lp, ids, vocab, eos_id=vocab.vocab_size - 1)
+    assert_backends_agree(got, ref)
+    assert_matches(got, brute_force(lp, ids, vocab, eos_id=vocab.vocab_size - 1))
+
+
+def test_bfloat16_and_batched_forms(small_blocks):
+    vocab = table_vocab(SMALL)
+    texts = ["the there", "here they are, these", "é"]
+    ids = [vocab.encode(t)[0] for t in texts]
+    lp = random_logprobs(len(texts) * (max(map(len, ids)) + 1), vocab.vocab_size, 2.0, 1)
+    lp = lp.view(len(texts), -1, vocab.vocab_size).bfloat16()
+    got, got_mask = byte_logprobs_batch(lp, ids, vocab, eos_id=vocab.vocab_size - 1, backend="triton")
+    ref, ref_mask = byte_logprobs_batch(lp, ids, vocab, eos_id=vocab.vocab_size - 1, backend="torch")
+    assert torch.equal(got_mask, ref_mask)
+    assert_backends_agree(got, ref)
+
+
+def test_teacher_byte_targets_passes_the_backend_through():
+    vocab = table_vocab(SMALL)
+    texts = ["the there", "here they"]
+    ids = [vocab.encode(t)[0] for t in texts]
+    l_max = max(map(len, ids))
+    logits = torch.randn(len(texts), l_max + 1, vocab.vocab_size, generator=torch.Generator().manual_seed(2))
+
+    class Batch:
+        teacher_ids = ids
+        teacher_input_ids = torch.zeros(len(texts), l_max + 1, dtype=torch.long)
+        teacher_attention_mask = torch.ones(len(texts), l_max + 1, dtype=torch.long)
+
+    calls = []
+
+    def forward(input_ids, attention_mask):
+        calls.append(input_ids.shape)
+        return logits
+
+    got = teacher_byte_targets(Batch, vocab, conversion="cover", teacher_forward=forward, backend="triton")
+    ref = teacher_byte_targets(Batch, vocab, conversion="cover", teacher_forward=forward, backend="torch")
+    assert len(calls) == 2 and torch.equal(got.mask, ref.mask)
+    assert_backends_agree(got.byte_logprobs, ref.byte_logprobs)
+    with pytest.raises(ValueError, match="unknown conversion backend"):
+        teacher_byte_targets(Batch, vocab, conversion="cover", teacher_forward=forward, backend="gpu")
+
+
+# ---------------------------------------------------------------------- real vocabularies
+def _check_real(tok, text, seed, modes=("cover", "within_token"), brute=True):
+    vocab = TokenBytes.from_tokenizer(tok)
+    ids, _ = vocab.encode(text)
+    for scale in (1.0, 6.0):  # random, and peaked
+        lp = random_logprobs(len(ids) + 1, vocab.vocab_size, scale, seed)
+        for mode in modes:
+            got, ref = both(lp, ids, vocab, mode=mode)
+            assert_backends_agree(got, ref)
+            if brute:
+                assert_matches(got, brute_force(lp, ids, vocab, mode=mode))
+
+
+def test_locally_trained_bpe_triton_equals_torch():
+    from bld_scale.data.corpus import load_works
+    from bld_scale.tokenize.zoo import train_byte_level_bpe
+
+    works = load_works("train")
+    tok = train_byte_level_bpe([text[:30000] for text in list(works.values())[:4]], vocab_size=600)
+    _check_real(tok, REAL_TEXT, seed=13)
+
+
+@pytest.mark.slow
+def test_mistral_sentencepiece_triton_equals_torch():
+    pytest.importorskip("mistral_common")
+    from bld_scale.tokenize.zoo import mistral_sentencepiece
+
+    _check_real(mistral_sentencepiece(), "The theory: there, é 日本", seed=12, brute=False)

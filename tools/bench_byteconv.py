@@ -31,6 +31,7 @@ alternative gather), i.e. what a teacher whose head emits logits in sorted-vocab
     python tools/bench_byteconv.py                      # CPU: L = 1024, 4096; batch 2 at L = 1024
     python tools/bench_byteconv.py --presorted --json docs/bench/byteconv_cpu.json
     python tools/bench_byteconv.py --device cuda        # GPU: L = 4096, batch 8 (skips without CUDA)
+    python tools/bench_byteconv.py --device cuda --backend triton   # the Triton running sums
 
 Offline. The default CPU run takes about 5 minutes on 2 cores.
 """
@@ -193,11 +194,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+# --backend: what computes the running sums (bld_scale.convert.backends); set by main and the memory child.
+BACKEND = "torch"
+
+
 def _ops(lp: torch.Tensor, windows, vocab) -> dict:
     return {
-        "byte_logprobs": lambda: byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS),
+        "byte_logprobs": lambda: byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS, backend=BACKEND),
         "log_softmax": lambda: torch.log_softmax(lp[0], dim=-1),
-        "byte_logprobs_batch": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=TEKKEN_EOS),
+        "byte_logprobs_batch": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=TEKKEN_EOS,
+                                                           backend=BACKEND),
         "log_softmax_batch": lambda: torch.log_softmax(lp, dim=-1),
     }
 
@@ -206,11 +212,14 @@ def _warm_up(vocab, device) -> None:
     """One tiny call so that lazy one-time initialisation is not counted as the op's cost."""
     vocab.index.torch_tables(device)
     small = load_windows(vocab, 16, 1)
-    byte_logprobs(make_logprobs(small, vocab.vocab_size, device)[0], small[0], vocab, eos_id=TEKKEN_EOS)
+    byte_logprobs(make_logprobs(small, vocab.vocab_size, device)[0], small[0], vocab, eos_id=TEKKEN_EOS,
+                  backend=BACKEND)  # also compiles the Triton kernels
 
 
 def memory_child(spec: dict) -> dict:
     """Run in a fresh process: extra peak memory of one op over the logits that already exist."""
+    global BACKEND
+    BACKEND = spec.get("backend", "torch")
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
     vocab, _ = load_vocab()
@@ -239,7 +248,7 @@ def memory_child(spec: dict) -> dict:
 
 
 def measure_memory(op: str, length: int, batch: int, device: str, threads: int) -> dict:
-    spec = dict(op=op, length=length, batch=batch, device=device, threads=threads)
+    spec = dict(op=op, length=length, batch=batch, device=device, threads=threads, backend=BACKEND)
     if torch.device(device).type == "cuda":  # one process is enough: the allocator's own peak
         return memory_child(spec)
     proc = subprocess.run([sys.executable, __file__, "--_memory-child", json.dumps(spec)],
@@ -391,7 +400,7 @@ def bench_length(vocab, length: int, batch: int, device: str, repeats: int, do_b
     taken = []
     one_pass.refine_small_masses = lambda *a, **k: taken.append(refine(*a, **k)) or taken[-1]
     try:
-        out = byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS)
+        out = byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS, backend=BACKEND)
     finally:
         one_pass.refine_small_masses = refine
     res["refined"] = bool(any(taken))
@@ -462,12 +471,16 @@ def main(argv=None) -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the L = 1,024 profile")
     parser.add_argument("--presorted", action="store_true",
                         help="also time the running sums without the sorted-vocabulary gather")
+    parser.add_argument("--backend", default="torch", choices=("auto", "torch", "triton"),
+                        help="conversion backend of byte_logprobs (triton: CUDA, or CPU under TRITON_INTERPRET=1)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
+    global BACKEND
+    BACKEND = args.backend
     results = run(args)
     if args.json and results is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -498,7 +511,8 @@ def run_device(args, default_lengths: str, default_batch: int, default_batch_len
     batch_lengths = set(lengths) if bl is None else {int(x) for x in bl.split(",")}
     device = args.device
     vocab, built = load_vocab()
-    env = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+    env = dict(backend=BACKEND, torch=torch.__version__, python=platform.python_version(),
+               threads=torch.get_num_threads(),
                cpu_count=os.cpu_count(), device=device,
                device_name=torch.cuda.get_device_name() if torch.device(device).type == "cuda"
                else platform.processor() or platform.machine())
@@ -506,7 +520,8 @@ def run_device(args, default_lengths: str, default_batch: int, default_batch_len
           f"{built['token_bytes_s']:.2f} s, sorted-vocabulary index {built['index_s']:.2f} s "
           f"({built['index_nodes']:,} nodes, {built['sorted_size']:,} sorted tokens, max token "
           f"{built['max_token_len']} bytes) -- built once, before any timing")
-    print(f"device {device} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads; "
+    print(f"device {device} ({env['device_name']}), backend {BACKEND}, torch {env['torch']}, "
+          f"{env['threads']} threads; "
           f"median of {args.repeats} interleaved repeats; ratios are medians of paired ratios")
     print(f"logits: Zipf prior s={ZIPF_S} + gaussian noise std {NOISE_STD} + canonical next token at "
           f"logsumexp(rest) + N({BOOST_MEAN}, {BOOST_STD}^2); eos_id {TEKKEN_EOS}")

@@ -45,7 +45,7 @@ def running_sums_class(backend: str, device: torch.device):
                            "'torch' or 'auto'")
     if device.type != "cuda" and not _interpreting():
         raise RuntimeError(f"conversion backend 'triton' runs on CUDA tensors; these are on {device}. Set "
-                           "TRITON_INTERPRET=1 before the first conversion to run the kernels on CPU "
-                           "(slow, for tests), or use backend 'torch' or 'auto'")
+                           "TRITON_INTERPRET=1 before triton is first imported to run the kernels on "
+                           "CPU (slow, for tests), or use backend 'torch' or 'auto'")
     from bld_scale.convert.triton_sums import TritonRunningSums  # defines the kernels: see its docs
     return TritonRunningSums

@@ -2,7 +2,8 @@
 
 The same numbers as `bld_scale.convert.running_sums.RunningSums`, with less memory traffic: one
 kernel reads each row of log-probabilities once, gathered through the sorted-vocabulary
-permutation inside the kernel, exponentiates in float32 (as the torch path does) and writes the
+permutation inside the kernel, exponentiates to float32 probabilities (as the torch path does;
+computed with the float64 exp, which is accurate on GPUs where the float32 one is not) and writes the
 float64 running sums `S(0..size)`; a second kernel turns each edge's sorted range `[lo, hi)` into
 its mass `S(hi) - S(lo)` (float64, clamped at 0). No float32 copy of the gathered row and no
 float64 copy before the scan are materialised (8 bytes per entry instead of 20).
@@ -13,9 +14,10 @@ order of the float64 additions differs from `torch.cumsum`, so results agree to 
 not bit for bit. Compensated float32 was not used: float64 costs little next to the gather, and
 it keeps `refine_small_masses` (which assumes float64 running sums) valid unchanged.
 
-Triton decides at kernel definition whether to interpret (`TRITON_INTERPRET=1`, which runs the
-kernels on CPU tensors, slowly), so this module is imported only when the backend is used
-(`bld_scale.convert.backends`).
+Triton decides whether to interpret (`TRITON_INTERPRET=1`, which runs the kernels on CPU tensors,
+slowly) when it defines a kernel, its own standard-library ones at `import triton`: the variable
+must be set before triton is first imported. This module is imported only when the backend is
+used (`bld_scale.convert.backends`).
 """
 from __future__ import annotations
 
@@ -38,8 +40,10 @@ def _running_sums_kernel(lp_ptr, lp_row_stride, perm_ptr, sums_ptr, size, BLOCK:
         offs = start + tl.arange(0, BLOCK)
         inside = offs < size
         col = tl.load(perm_ptr + offs, mask=inside, other=0)
-        lp = tl.load(lp_row + col, mask=inside, other=0.0).to(tl.float32)
-        p = tl.where(inside, tl.exp(lp).to(tl.float64), 0.0)
+        lp = tl.load(lp_row + col, mask=inside, other=0.0).to(tl.float64)
+        # float32 probabilities as the torch path, but from an accurate exp: Triton's float32 exp
+        # on GPUs is ex2.approx(x * log2 e), off by ~|x| ulp; its float64 exp is libdevice's
+        p = tl.where(inside, tl.exp(lp).to(tl.float32).to(tl.float64), 0.0)
         s = tl.cumsum(p, axis=0) + carry
         tl.store(sums_row + 1 + offs, s, mask=inside)
         carry = tl.max(tl.where(inside, s, 0.0), axis=0)  # the block's last sum (sums never decrease)

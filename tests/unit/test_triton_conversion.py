@@ -17,8 +17,6 @@ from the other (both are within their absolute error there).
 """
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch

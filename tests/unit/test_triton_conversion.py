@@ -223,3 +223,43 @@ def test_mistral_sentencepiece_triton_equals_torch():
     from bld_scale.tokenize.zoo import mistral_sentencepiece
 
     _check_real(mistral_sentencepiece(), "The theory: there, é 日本", seed=12, brute=False)
+
+
+# ---------------------------------------------------------------------- the recipe key, end to end
+def test_training_step_reads_distill_conversion_backend():
+    """distill.conversion_backend reaches the conversion: "triton" gives the torch step's losses
+    (to the conversion's float32 rounding), and a CPU step without the interpreter is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bld_scale.config import DistillConfig
+    from bld_scale.data.batch import PairTokenizer, collate, split_windows
+    from bld_scale.data.corpus import load_works
+    from bld_scale.model.student import build_student
+    from bld_scale.tokenize.zoo import train_byte_level_bpe
+    from bld_scale.train.step import distill_step
+
+    texts = [w[:20000] for w in list(load_works("train").values())[:2]]
+    vocab = TokenBytes.from_tokenizer(train_byte_level_bpe(texts, vocab_size=300))
+    torch.manual_seed(0)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.vocab_size, **small)).eval()
+    student = build_student(dict(model_type="llama", vocab_size=vocab.vocab_size, **small), head_kind="linear", K=4)
+    pair = PairTokenizer(vocab, vocab)
+    batch = collate([pair(w) for w in split_windows(texts[0][:600], 150)[:2]], K=4, teacher_bos=0, student_bos=0)
+
+    def forward(ids, mask):
+        return teacher(input_ids=ids, attention_mask=mask).logits
+
+    logs = {}
+    for backend in ("torch", "triton"):
+        with torch.no_grad():
+            _, logs[backend] = distill_step(forward, student, batch,
+                                            DistillConfig(method="bld", conversion_backend=backend),
+                                            teacher_vocab=vocab)
+    assert float(logs["triton"]["loss_kl"]) == pytest.approx(float(logs["torch"]["loss_kl"]), rel=1e-5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            distill_step(forward, student, batch, DistillConfig(method="bld", conversion_backend="triton"),
+                         teacher_vocab=vocab)

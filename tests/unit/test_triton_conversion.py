@@ -23,16 +23,16 @@ import torch
 
 # Triton decides whether to interpret when it defines a kernel, its own standard-library ones
 # included (at `import triton`): import it under TRITON_INTERPRET=1, and leave the environment
-# as it was for the rest of the session.
+# as it was for the rest of the session. In a session where triton was already imported without
+# it (importing transformers does), this module's tests run in a child pytest instead
+# (`test_module_under_the_interpreter`).
 with pytest.MonkeyPatch.context() as _env:
     _env.setenv("TRITON_INTERPRET", "1")
     triton = pytest.importorskip("triton")
     from triton.runtime.interpreter import InterpretedFunction
 
     import bld_scale.convert.triton_sums as triton_sums
-if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-    pytest.skip("triton was imported earlier in this session without TRITON_INTERPRET=1 (e.g. by the "
-                "GPU tests): run this module in its own pytest session", allow_module_level=True)
+INTERPRETED = isinstance(triton.language.standard.zeros, InterpretedFunction)
 
 from bld_scale.convert import byte_logprobs, byte_logprobs_batch  # noqa: E402
 from bld_scale.convert.backends import running_sums_class  # noqa: E402
@@ -43,6 +43,30 @@ from test_byteconv import REAL_TEXT, SMALL, assert_matches, brute_force, random_
 from vocab_tables import table_vocab  # noqa: E402
 
 P_TOLERANCE = 2e-7
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this session interprets: the tests run here directly")
+def test_module_under_the_interpreter(request):
+    """This module in a fresh pytest under TRITON_INTERPRET=1, with this session's -m (~20 s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+            "-k", "not test_module_under_the_interpreter"]
+    if request.config.option.markexpr:
+        args += ["-m", request.config.option.markexpr]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def interpreted_or_in_the_child(request):
+    if not INTERPRETED and request.node.originalname != "test_module_under_the_interpreter":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 in this session: "
+                    "test_module_under_the_interpreter runs this test in a child pytest")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -90,7 +90,7 @@ def teacher_nll_sums(teacher_forward: TeacherForward, batch, vocab: TokenBytes, 
                      teacher_model=None, eos_id: int | None = None,
                      exact_chunk_tokens: int = BATCH_CHUNK_TOKENS,
                      agree_forwards: Callable[[int], int] | None = None,
-                     into: TeacherNllSums | None = None) -> TeacherNllSums:
+                     into: TeacherNllSums | None = None, backend: str = "torch") -> TeacherNllSums:
     """The teacher's token-level and byte-level NLL over a batch's texts, and their bytes.
 
     Arguments as for `bld_scale.convert.dispatch.teacher_byte_targets` (conversion "exact" needs
@@ -102,7 +102,7 @@ def teacher_nll_sums(teacher_forward: TeacherForward, batch, vocab: TokenBytes, 
     q, _, logprobs = teacher_byte_targets(batch, vocab, conversion=conversion, teacher_forward=teacher_forward,
                                           teacher_model=teacher_model, eos_id=eos_id,
                                           exact_chunk_tokens=exact_chunk_tokens, agree_forwards=agree_forwards,
-                                          with_token_logprobs=True)
+                                          with_token_logprobs=True, backend=backend)
     sums = TeacherNllSums() if into is None else into
     for b, ids in enumerate(batch.teacher_ids):
         data = b"".join(vocab.token_bytes(i) for i in ids)

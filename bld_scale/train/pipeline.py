@@ -168,7 +168,7 @@ class Pipeline:
             teacher_nll_sums(self._teacher_forward, batch, self.sides.teacher_vocab, conversion=d.conversion,
                              teacher_model=self.teacher, eos_id=self.sides.teacher_eos,
                              exact_chunk_tokens=d.exact_chunk_tokens, agree_forwards=self._agree_forwards,
-                             into=sums)
+                             into=sums, backend=d.conversion_backend)
         bpb = TeacherNllSums(*self._all_sum(sums.as_list())).bpb()
         return {"teacher_token_bpb": bpb.token_bpb, "teacher_byte_bpb": bpb.byte_bpb,
                 "conversion_gap": bpb.gap, "conversion": d.conversion}

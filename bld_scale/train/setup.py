@@ -5,6 +5,7 @@ tools/estimate_memory.py) build them alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -39,12 +40,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+TEACHER_CACHE = "teacher_hf"  # <output_dir>/teacher_hf/<sha256 of the .gguf>/: a .gguf teacher, converted
+
+
+def teacher_section(recipe: Recipe):
+    """recipe.teacher with `path` an HF folder: as given, or for a .gguf file its conversion (once
+    per file content, into <output_dir>/teacher_hf/). The recipe keeps the .gguf path, so the
+    checkpoint identity fingerprints the file itself."""
+    from bld_scale.model.gguf import cached_hf_folder, is_gguf_file
+
+    if not is_gguf_file(recipe.teacher.path):
+        return recipe.teacher
+    folder = cached_hf_folder(recipe.teacher.path, Path(recipe.output_dir) / TEACHER_CACHE)
+    return dataclasses.replace(recipe.teacher, path=str(folder))
+
+
 def load_teacher_config(recipe: Recipe):
     """The teacher's config (config.json only, no weights): its rows and special ids are checked
     against the tokenizer before the model loads."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(recipe.teacher.path)
+    return AutoConfig.from_pretrained(teacher_section(recipe).path)
 
 
 def setup_tokenizers(recipe: Recipe, teacher_vocab_size: int, log=print, teacher_config=None) -> Sides:
@@ -53,9 +69,10 @@ def setup_tokenizers(recipe: Recipe, teacher_vocab_size: int, log=print, teacher
     so is any other tokenizer problem (TokenizerError, a ValueError, naming the recipe key)."""
     from transformers import AutoTokenizer
 
-    t_tok = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.path)
+    teacher = teacher_section(recipe)
+    t_tok = AutoTokenizer.from_pretrained(teacher.tokenizer or teacher.path)
     s_tok = AutoTokenizer.from_pretrained(recipe.student.tokenizer)
-    check_teacher_tokenizer(recipe.teacher, t_tok, teacher_vocab_size, teacher_config, log)
+    check_teacher_tokenizer(teacher, t_tok, teacher_vocab_size, teacher_config, log)
     try:
         t_vocab = TokenBytes.from_tokenizer(t_tok, vocab_size=teacher_vocab_size,
                                             name=f"teacher tokenizer ({recipe.teacher.path})")
@@ -86,7 +103,7 @@ def setup_teacher(recipe: Recipe, ds_config: dict):
     from bld_scale.parallel.engines import build_teacher_engine
 
     keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build under zero.Init
-    model = AutoModelForCausalLM.from_pretrained(recipe.teacher.path, dtype=_torch_dtype(recipe.teacher.dtype))
+    model = AutoModelForCausalLM.from_pretrained(teacher_section(recipe).path, dtype=_torch_dtype(recipe.teacher.dtype))
     engine = build_teacher_engine(model, ds_config)
     del keep_alive
     return engine

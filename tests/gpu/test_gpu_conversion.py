@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from bld_scale.convert import byte_logprobs, byte_logprobs_batch  # noqa: E402
 from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+from synthetic_logits import window_logprobs
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = 1e-6  # max |p_gpu - p_cpu|
@@ -45,15 +46,7 @@ def windows(vocab_and_eos, heldout_text):
 
 
 def logprobs(windows, vocab_size: int, peaked: bool, seed: int = 0) -> torch.Tensor:
-    """[B, L_max + 1, V] float32 on the CPU; peaked: the text's next token gets a large logit."""
-    g = torch.Generator().manual_seed(seed)
-    rows = max(len(w) for w in windows) + 1
-    logits = torch.randn(len(windows), rows, vocab_size, generator=g) * 2.0
-    if peaked:
-        for b, ids in enumerate(windows):
-            boost = torch.randn(len(ids), generator=g) * 2.5 + 6.0
-            logits[b, torch.arange(len(ids)), torch.tensor(ids)] += boost
-    return torch.log_softmax(logits, dim=-1)
+    return window_logprobs(windows, vocab_size, peaked, seed)
 
 
 def max_dp(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ from bld_scale.convert import byte_logprobs, byte_logprobs_batch  # noqa: E402
 from bld_scale.convert.backends import running_sums_class  # noqa: E402
 from bld_scale.convert.triton_sums import TritonRunningSums  # noqa: E402
 from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
+from synthetic_logits import window_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 P_TOLERANCE = 2e-7
@@ -46,14 +47,7 @@ def windows(tekken_vocab, heldout_text):
 
 
 def logprobs(windows, vocab_size: int, peaked: bool, seed: int = 0) -> torch.Tensor:
-    """[B, L_max + 1, V] float32 on the GPU; peaked: the text's next token gets a large logit."""
-    g = torch.Generator().manual_seed(seed)
-    rows = max(len(w) for w in windows) + 1
-    logits = torch.randn(len(windows), rows, vocab_size, generator=g) * 2.0
-    if peaked:
-        for b, ids in enumerate(windows):
-            logits[b, torch.arange(len(ids)), torch.tensor(ids)] += torch.randn(len(ids), generator=g) * 2.5 + 6.0
-    return torch.log_softmax(logits, dim=-1).cuda()
+    return window_logprobs(windows, vocab_size, peaked, seed).cuda()
 
 
 def assert_backends_agree(triton_out, torch_out):

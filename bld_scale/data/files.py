@@ -13,6 +13,7 @@ Text files keep the universal-newline reading `datasets` gave them (CRLF and CR 
 """
 from __future__ import annotations
 
+import abc
 import bisect
 import json
 from array import array
@@ -24,7 +25,7 @@ from bld_scale.data.report import DataReport
 from bld_scale.data.utf8 import decode_utf8
 
 
-class _Files:
+class _Files(abc.ABC):
     """Shared: the file list, the report, first-pass accounting and streaming iteration."""
 
     row_word = "row"
@@ -39,12 +40,13 @@ class _Files:
             self._index()
             self.finish()
 
-    # subclasses: _rows(path, report) yields (row number, byte offset, text) for each document
+    @abc.abstractmethod
     def _rows(self, path: str, report: DataReport | None) -> Iterator[tuple[int, int, str]]:
-        raise NotImplementedError
+        """(row number, byte offset, text) for each document of `path`."""
 
+    @abc.abstractmethod
     def _index(self) -> None:
-        raise NotImplementedError
+        """Read every file once: count and index its documents (a loaded corpus)."""
 
     def finish(self, paths=None, complete: bool = True) -> None:
         """Say what reading `paths` (default: all) altered or skipped; refuse past the limit

@@ -35,17 +35,29 @@ def token_layout(ids: Sequence[int], vocab: TokenBytes) -> tuple[bytes, np.ndarr
     return b"".join(pieces), starts.astype(np.int64)
 
 
-def start_rows(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes):
+def start_rows(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
+               log_normaliser: torch.Tensor | None = None):
     """Common start of every mode: token bytes and starts, the output with its all-EOT last row,
-    and log P(t_<k) for k = 0..L (float64: prefix probabilities underflow fast)."""
+    and log P(t_<k) for k = 0..L (float64: prefix probabilities underflow fast).
+
+    log_normaliser: when given, `logprobs` holds raw logits and row k's log-probabilities are
+    `logprobs[k] - log_normaliser[k]` (`gather_logprobs`)."""
     device = logprobs.device
     data, starts = token_layout(ids, vocab)
     out = torch.full((len(data) + 1, NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
     out[len(data), EOT] = 0.0
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)
-    canon = logprobs[torch.arange(len(ids), device=device), ids_t].double()
+    canon = gather_logprobs(logprobs, torch.arange(len(ids), device=device), ids_t, log_normaliser)
     log_prefix = torch.cat([canon.new_zeros(1), torch.cumsum(canon, 0)])
     return data, starts, out, log_prefix
+
+
+def gather_logprobs(logprobs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    log_normaliser: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 log-probabilities at (rows, cols): of log-probabilities, or of raw logits when their
+    rows' log-normaliser is given (then `logit - logsumexp(row)`)."""
+    vals = logprobs[rows, cols].double()
+    return vals if log_normaliser is None else vals - log_normaliser[rows].double()
 
 
 def check_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, eos_id) -> None:

@@ -7,6 +7,11 @@ the evaluation, the tools) comes here with the mode as a string.
 
 A packed batch (`bld_scale.data.packing`) is converted window by window on each window's slice
 of the packed log-probabilities, so its targets are the padded batch's rows laid end to end.
+
+The one-pass modes read either log-probabilities or, fused, the teacher's raw logits with each
+row's log-normaliser (`teacher_token_logits`): the `[B, L, V]` log-softmax is then never written,
+which is one full write of the logits saved. `teacher_byte_targets` takes the fused path whenever
+its caller does not also need the token log-probabilities.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from bld_scale.convert.backends import check_backend
+from bld_scale.convert.backends import check_backend, log_normaliser_function
 from bld_scale.convert.byte_rows import pad_byte_rows
 from bld_scale.convert.exact import BATCH_CHUNK_TOKENS, byte_logprobs_exact, exact_byte_targets
 from bld_scale.convert.one_pass import byte_logprobs_one_pass
@@ -38,7 +43,7 @@ def check_mode(mode: str) -> None:
 @torch.no_grad()
 def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *,
                   eos_id: int | None = None, mode: str = "cover", backend: str = "torch",
-                  **exact) -> torch.Tensor:
+                  log_normaliser: torch.Tensor | None = None, **exact) -> torch.Tensor:
     """Next-byte log-probabilities `[N + 1, 257]` of the teacher over one text.
 
     logprobs: `[L + 1, V]` teacher log-probabilities (float32 or bfloat16; computed in float32 /
@@ -50,45 +55,54 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
     backend: "torch" (default), "triton" or "auto" (triton on CUDA tensors when triton imports):
       what computes the one-pass running sums (`bld_scale.convert.backends`); same numbers to
       float64 rounding. Mode "exact" always runs the torch path.
+    log_normaliser: `[L + 1]` per-row logsumexp when `logprobs` holds raw logits (one-pass modes;
+      see `teacher_token_logits`).
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
     """
     check_mode(mode)
     check_backend(backend)
+    if mode == "exact" and log_normaliser is not None:
+        raise ValueError("mode 'exact' reads log-probabilities, not raw logits: drop log_normaliser= "
+                         "and pass torch.log_softmax(logits, -1)")
     if mode == "exact":
         return byte_logprobs_exact(logprobs, ids, vocab, eos_id=eos_id, **exact)
     if exact:
         raise TypeError(f"mode {mode!r} takes no {', '.join(exact)} (only mode 'exact' does)")
     return byte_logprobs_one_pass(logprobs, ids, vocab, eos_id=eos_id, within_token=mode == "within_token",
-                                  backend=backend)
+                                  backend=backend, log_normaliser=log_normaliser)
 
 
 def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vocab: TokenBytes, *,
-                        eos_id: int | None = None, mode: str = "cover", backend: str = "torch", **exact):
+                        eos_id: int | None = None, mode: str = "cover", backend: str = "torch",
+                        log_normaliser: torch.Tensor | None = None, **exact):
     """Batched `byte_logprobs`.
 
     logprobs: padded `[B, L_max + 1, V]`; ids: B lists of canonical tokens (row b uses its first
-    `len(ids[b]) + 1` rows). Returns `(out [B, N_max + 1, 257], mask [B, N_max + 1])`, padding
+    `len(ids[b]) + 1` rows); log_normaliser: `[B, L_max + 1]` when `logprobs` are raw logits. Returns `(out [B, N_max + 1, 257], mask [B, N_max + 1])`, padding
     rows all -inf and False in the mask; the numbers equal `byte_logprobs` example by example.
     """
     if logprobs.dim() != 3 or logprobs.shape[0] != len(ids):
         raise ValueError(f"logprobs must be [B, L_max + 1, V] with B = len(ids) = {len(ids)}; got "
                          f"{tuple(logprobs.shape)}")
     rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, backend=backend,
+                          log_normaliser=None if log_normaliser is None else log_normaliser[b, : len(seq) + 1],
                           **exact)
             for b, seq in enumerate(ids)]
     return pad_byte_rows(rows)
 
 
 def byte_logprobs_packed(logprobs: torch.Tensor, batch, vocab: TokenBytes, *, eos_id: int | None = None,
-                         mode: str = "cover", backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                         mode: str = "cover", backend: str = "torch",
+                         log_normaliser: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`byte_logprobs` of each window of a packed batch, on its own slice of the packed row.
 
-    logprobs: `[1, T, V]` over the packed teacher row. Returns `(out [1, R, 257], mask [1, R])`,
+    logprobs: `[1, T, V]` over the packed teacher row (`log_normaliser` `[1, T]` when raw logits). Returns `(out [1, R, 257], mask [1, R])`,
     the windows' rows end to end (`batch.packing.byte_row_bounds`).
     """
     bounds = batch.packing.teacher_bounds
     rows = [byte_logprobs(logprobs[0, bounds[b]:bounds[b + 1]], ids, vocab, eos_id=eos_id, mode=mode,
-                          backend=backend)
+                          backend=backend,
+                          log_normaliser=None if log_normaliser is None else log_normaliser[0, bounds[b]:bounds[b + 1]])
             for b, ids in enumerate(batch.teacher_ids)]
     return _end_to_end(rows, batch)
 
@@ -101,6 +115,24 @@ def _end_to_end(rows, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
 
 
+def _teacher_logits(teacher_forward: TeacherForward, batch) -> torch.Tensor:
+    packing = getattr(batch, "packing", None)
+    args = (batch.teacher_input_ids, batch.teacher_attention_mask) if packing is None else \
+        (batch.teacher_input_ids, None, packing.teacher_position_ids)
+    with torch.no_grad():
+        logits = teacher_forward(*args)
+        return getattr(logits, "logits", logits)
+
+
+def teacher_token_logits(teacher_forward: TeacherForward, batch, backend: str = "torch"):
+    """The teacher's raw one-pass logits (as the model returns them: float32 or bfloat16, not
+    copied) and their float32 per-row log-normaliser `[B, L_max + 1]` (`[1, T]` packed): what
+    the fused one-pass conversion reads instead of `teacher_token_logprobs`."""
+    logits = _teacher_logits(teacher_forward, batch)
+    lse = log_normaliser_function(backend, logits.device)(logits.reshape(-1, logits.shape[-1]))
+    return logits, lse.view(logits.shape[:-1])
+
+
 def teacher_token_logprobs(teacher_forward: TeacherForward, batch) -> torch.Tensor:
     """The teacher's one-pass `[B, L_max + 1, V]` token log-probabilities (float32) over a batch.
 
@@ -108,13 +140,8 @@ def teacher_token_logprobs(teacher_forward: TeacherForward, batch) -> torch.Tens
     `batch` needs `teacher_input_ids` and `teacher_attention_mask`. A packed batch gives `[1, T, V]`
     from `teacher_forward(input_ids, None, position_ids)`.
     """
-    packing = getattr(batch, "packing", None)
-    args = (batch.teacher_input_ids, batch.teacher_attention_mask) if packing is None else \
-        (batch.teacher_input_ids, None, packing.teacher_position_ids)
     with torch.no_grad():
-        logits = teacher_forward(*args)
-        logits = getattr(logits, "logits", logits)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(_teacher_logits(teacher_forward, batch).float(), dim=-1)
 
 
 class TeacherTargets(NamedTuple):
@@ -143,18 +170,22 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
     backend: what computes the one-pass running sums ("torch", "triton", "auto": see `byte_logprobs`;
       recipe key distill.conversion_backend).
     Returns `TeacherTargets(byte_logprobs, mask, token_logprobs)`; `token_logprobs` is None when
-    no one-pass forward was made. A packed batch (`batch.packing` set) gives `[1, R, 257]` / `[1, T, V]`
+    no one-pass forward was made, or when the one-pass modes read the raw logits (fused: whenever
+    `with_token_logprobs` is False). A packed batch (`batch.packing` set) gives `[1, R, 257]` / `[1, T, V]`
     (its windows end to end); mode "exact" then makes its tree forwards window by window, as for a
     padded batch.
     """
     packed = getattr(batch, "packing", None) is not None
     check_mode(conversion)
     check_backend(backend)
-    logprobs = None
+    logprobs = scores = lse = None
     if conversion in ONE_PASS_MODES or with_token_logprobs:
         if teacher_forward is None:
             raise ValueError(f"conversion {conversion!r} reads the teacher's forward: pass teacher_forward=")
-        logprobs = teacher_token_logprobs(teacher_forward, batch)
+        if conversion in ONE_PASS_MODES and not with_token_logprobs:  # fused: raw logits + normalisers
+            scores, lse = teacher_token_logits(teacher_forward, batch, backend)
+        else:
+            logprobs = scores = teacher_token_logprobs(teacher_forward, batch)
     if conversion == "exact":
         if teacher_model is None:
             raise ValueError("conversion 'exact' needs the teacher model (teacher_model=...)")
@@ -165,8 +196,9 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
             lengths = mask.sum(dim=1).tolist()
             q, mask = _end_to_end((q[b, :n] for b, n in enumerate(lengths)), batch)
     elif packed:
-        q, mask = byte_logprobs_packed(logprobs, batch, vocab, eos_id=eos_id, mode=conversion, backend=backend)
+        q, mask = byte_logprobs_packed(scores, batch, vocab, eos_id=eos_id, mode=conversion, backend=backend,
+                                       log_normaliser=lse)
     else:
-        q, mask = byte_logprobs_batch(logprobs, batch.teacher_ids, vocab, eos_id=eos_id, mode=conversion,
-                                      backend=backend)
+        q, mask = byte_logprobs_batch(scores, batch.teacher_ids, vocab, eos_id=eos_id, mode=conversion,
+                                      backend=backend, log_normaliser=lse)
     return TeacherTargets(q, mask, logprobs)

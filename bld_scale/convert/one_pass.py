@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bld_scale.convert.backends import running_sums_class
-from bld_scale.convert.byte_rows import EOT, check_logprobs, normalise_rows, start_rows
+from bld_scale.convert.byte_rows import EOT, check_logprobs, gather_logprobs, normalise_rows, start_rows
 from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -56,7 +56,7 @@ def one_pass_splits(data: bytes, starts: np.ndarray, vocab: TokenBytes, *, withi
 @torch.no_grad()
 def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *,
                            eos_id: int | None = None, within_token: bool = False,
-                           backend: str = "torch") -> torch.Tensor:
+                           backend: str = "torch", log_normaliser: torch.Tensor | None = None) -> torch.Tensor:
     """Next-byte log-probabilities `[N + 1, 257]` of mode "cover" (or "within_token").
 
     logprobs: `[L + 1, V]` teacher log-probabilities (float32 or bfloat16; computed in float32 /
@@ -65,29 +65,37 @@ def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: To
     eos_id: the teacher's end-of-sequence token; None gives EOT no mass before the end.
     within_token: keep only the canonical token holding each offset (mode "within_token").
     backend: "torch", "triton" or "auto": what computes the running sums (`bld_scale.convert.backends`).
+    log_normaliser: `[L + 1]` logsumexp of each row when `logprobs` holds the teacher's raw logits
+      (float32 or bfloat16): the conversion then reads the logits once and never writes their
+      log-softmax (`bld_scale.convert.dispatch.teacher_token_logits`).
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
     """
     check_logprobs(logprobs, ids, vocab, eos_id)
     device = logprobs.device
     running_sums = running_sums_class(backend, device)
-    data, starts, out, log_prefix = start_rows(logprobs, ids, vocab)
+    if log_normaliser is not None and tuple(log_normaliser.shape) != (logprobs.shape[0],):
+        raise ValueError(f"log_normaliser must hold one value per row of the logits, shape "
+                         f"({logprobs.shape[0]},); got {tuple(log_normaliser.shape)}")
+    data, starts, out, log_prefix = start_rows(logprobs, ids, vocab, log_normaliser)
     if not data:
         return out.float()
 
     if eos_id is not None:  # EOT at canonical boundaries n = s_k
-        eot = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()
+        rows = torch.arange(len(ids), device=device)
+        eot = log_prefix[: len(ids)] + gather_logprobs(logprobs, rows, torch.full_like(rows, int(eos_id)),
+                                                       log_normaliser)
         out[torch.as_tensor(starts, device=device), EOT] = eot
 
     split_k, split_n, split_node = one_pass_splits(data, starts, vocab, within_token=within_token)
     index = vocab.index
     memory = logprobs.numel() * logprobs.element_size()
     edges = split_edges(logprobs[: len(ids)], split_k, split_n, split_node, log_prefix, index, memory,
-                        running_sums=running_sums)
+                        running_sums=running_sums, log_normaliser=log_normaliser)
     if edges["value"].numel():
         tables = index.torch_tables(device)
         eot_only = out.clone()
         logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
-        if refine_small_masses(out, edges, log_prefix, logprobs, tables["perm"]):
+        if refine_small_masses(out, edges, log_prefix, logprobs, tables["perm"], log_normaliser):
             out = eot_only
             logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
     return normalise_rows(out)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from bld_scale.convert.byte_rows import NUM_BYTE_OUTCOMES
+from bld_scale.convert.byte_rows import NUM_BYTE_OUTCOMES, gather_logprobs
 
 # Extra working memory allowed per chunk of rows, as a fraction of the logits' own size.
 _CHUNK_MEMORY_FRACTION = 0.2
@@ -36,12 +36,13 @@ _RUNNING_SUM_ERROR = 1e-15
 _REFINE_TOLERANCE = 1e-9
 
 
-def refine_small_masses(out, edges, log_prefix, logprobs, perm) -> bool:
+def refine_small_masses(out, edges, log_prefix, logprobs, perm, log_normaliser=None) -> bool:
     """Recompute, by direct float64 sums, the masses too small for running-sum differences.
 
     A mass below ~1e-15 is lost in `S(hi) - S(lo)`. It matters only when its whole row n is made
     of such masses (a teacher that gave the text's tokens vanishing probability); those edges
     are found from the first pass's row totals and summed directly. Realistic teachers need none.
+    log_normaliser: given when `logprobs` holds raw logits (see `byte_rows.gather_logprobs`).
     """
     row_total = torch.logsumexp(out, dim=1)
     n = edges["target"] // NUM_BYTE_OUTCOMES
@@ -59,20 +60,24 @@ def refine_small_masses(out, edges, log_prefix, logprobs, perm) -> bool:
         seg = torch.repeat_interleave(torch.arange(w.numel(), device=out.device), w)
         offset = torch.arange(seg.numel(), device=out.device) - torch.repeat_interleave(torch.cumsum(w, 0) - w, w)
         pos = perm[lo[sl][seg] + offset]
-        vals = logprobs[k[sl][seg], pos].double().exp()
+        vals = gather_logprobs(logprobs, k[sl][seg], pos, log_normaliser).exp()
         mass[sl] = torch.zeros(w.numel(), dtype=torch.float64, device=out.device).index_add_(0, seg, vals)
     edges["value"][flagged] = torch.log(mass) + log_prefix[k]
     return True
 
 
 def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray, split_node: np.ndarray,
-                log_weight: torch.Tensor, index, memory_bytes: int, running_sums=None) -> dict:
+                log_weight: torch.Tensor, index, memory_bytes: int, running_sums=None,
+                log_normaliser: torch.Tensor | None = None) -> dict:
     """One edge per (split, next byte): `log_weight[row] + log M_row(prefix + byte)` and its cell.
 
     Split s reads distribution `rows[split_row[s]]` at the trie node `split_node[s]` and feeds
     output row `split_end[s]`. Returns tensors `k` (row), `lo`, `hi` (sorted range), `target`
     (flat output cell) and `value`, shared by `cover` and `exact`. running_sums: the class that
     computes the masses (`RunningSums` by default; see `bld_scale.convert.backends`).
+    log_normaliser: `[rows]`, given when `rows` holds raw logits (row k's log-probabilities are
+    `rows[k] - log_normaliser[k]`): the running sums subtract it as they read each row, so no
+    log-softmax of the rows is ever written.
     """
     device = rows.device
     tables = index.torch_tables(device)
@@ -89,7 +94,7 @@ def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray
         p0, p1 = np.searchsorted(split_row, [k0, k1])
         if p0 == p1:
             continue
-        running.load(rows[k0:k1], tables["perm"])
+        running.load(rows[k0:k1], tables["perm"], None if log_normaliser is None else log_normaliser[k0:k1])
         e0, e1 = edge_offsets[p0], edge_offsets[p1]
         pair = np.repeat(np.arange(p0, p1), counts[p0:p1])
         child = index.child_start[split_node[pair]] + (np.arange(e0, e1) - edge_offsets[pair])
@@ -111,6 +116,16 @@ def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray
     return {name: torch.cat(parts) for name, parts in edges.items()}
 
 
+def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
+    """float32 `logsumexp` of each row of `[R, V]` logits, in chunks of rows: torch's logsumexp
+    writes a full-size temporary, which on all rows at once would cost what the fused path saves."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    step = max(1, _MIN_CHUNK_BYTES // (4 * max(logits.shape[1], 1)))
+    for r0 in range(0, logits.shape[0], step):
+        torch.logsumexp(logits[r0:r0 + step].float(), dim=1, out=out[r0:r0 + step])
+    return out
+
+
 class RunningSums:
     """Running sums `S(i)` of p_k over the first i sorted-vocabulary entries, for a chunk of rows.
 
@@ -127,13 +142,16 @@ class RunningSums:
         self.wide[:, 0] = 0.0  # S(0) = 0; the rest is overwritten on every load
         self.sums = torch.empty((rows, size + 1), dtype=torch.float64, device=device)
 
-    def load(self, logprobs: torch.Tensor, perm: torch.Tensor) -> None:
+    def load(self, logprobs: torch.Tensor, perm: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+        """Running sums of `exp(logprobs[:, perm] - shift[:, None])` (shift: raw logits' log-normalisers)."""
         r = logprobs.shape[0]
         vals = self.values[:r]
         if logprobs.dtype == vals.dtype:
             torch.index_select(logprobs, 1, perm, out=vals)
         else:
             vals.copy_(logprobs.index_select(1, perm))
+        if shift is not None:
+            vals.sub_(shift.to(vals.dtype).unsqueeze(1))
         vals.exp_()
         self.wide[:r, 1:].copy_(vals)
         torch.cumsum(self.wide[:r], dim=1, out=self.sums[:r])

@@ -76,7 +76,7 @@ def test_training_targets_of_one_pass_modes(setup, mode):
     vocab, eos, bos, model, batch, lp = setup
     teacher = CountingTeacher(model)
     q, mask, token_lp = teacher_byte_targets(
-        batch, vocab, conversion=mode, eos_id=eos,
+        batch, vocab, conversion=mode, eos_id=eos, with_token_logprobs=True,
         teacher_forward=lambda ids, m: teacher(input_ids=ids, attention_mask=m).logits)
     assert len(teacher.calls) == 1  # the one-pass forward only
     assert torch.equal(token_lp, lp)
@@ -84,6 +84,13 @@ def test_training_targets_of_one_pass_modes(setup, mode):
         byte_logprobs_one_pass(lp[b, : len(ids) + 1], ids, vocab, eos_id=eos, within_token=mode == "within_token")
         for b, ids in enumerate(batch.teacher_ids)])
     assert torch.equal(q, want) and torch.equal(mask, want_mask)
+    # without the token log-probabilities: fused from the raw logits (test_byteconv_fused), the same
+    # distributions to float32 rounding
+    q_fused, mask_fused, none = teacher_byte_targets(
+        batch, vocab, conversion=mode, eos_id=eos,
+        teacher_forward=lambda ids, m: teacher(input_ids=ids, attention_mask=m).logits)
+    assert none is None and len(teacher.calls) == 2 and torch.equal(mask_fused, mask)
+    assert float((q_fused.double().exp() - q.double().exp()).abs().max()) <= 2e-6
 
 
 def test_training_targets_of_exact_mode(setup):

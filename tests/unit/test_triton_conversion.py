@@ -126,6 +126,22 @@ def test_kernel_masses_match_float64_sums(interpreter, dtype):
     assert torch.equal(sums.mass(row[:0], lo[:0], hi[:0]), torch.zeros(0, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_normaliser_kernel_matches_logsumexp(interpreter, dtype, small_blocks):
+    """One read per row (running max and float64 sum per lane) against float64 logsumexp, with
+    rows spanning several blocks, a strided view, large offsets, and a row without mass."""
+    g = torch.Generator().manual_seed(1)
+    full = (torch.randn(6, 300 + 5, generator=g) * 4 + 400 * torch.rand(6, 1, generator=g)).to(dtype)
+    full[2] = -float("inf")
+    full[3, :150] = -float("inf")  # lanes that see only -inf in the first blocks
+    logits = full[:, 2:302]
+    got = interpreter.triton_log_normaliser(logits)
+    ref = torch.logsumexp(logits.double(), -1)
+    assert got.dtype == torch.float32 and got[2] == -float("inf")
+    keep = torch.arange(6) != 2
+    assert bool(((got[keep].double() - ref[keep]).abs() <= 1e-6 * ref[keep].abs().clamp_min(1)).all())
+
+
 # ---------------------------------------------------------------------- backend choice
 def test_backend_choice_and_refusals(monkeypatch):
     assert running_sums_class("auto", torch.device("cpu")) is RunningSums
@@ -217,6 +233,40 @@ def test_teacher_byte_targets_passes_the_backend_through():
     assert_backends_agree(got.byte_logprobs, ref.byte_logprobs)
     with pytest.raises(ValueError, match="unknown conversion backend"):
         teacher_byte_targets(Batch, vocab, conversion="cover", teacher_forward=forward, backend="gpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_raw_logits_triton_equals_torch_and_brute_force(dtype, small_blocks):
+    """The fused path (raw logits; each backend computes the normalisers and subtracts them as it
+    reads a row) on both backends, against the brute force of the float64 log-softmax."""
+    from bld_scale.convert.dispatch import teacher_token_logits
+
+    vocab = table_vocab(SMALL)
+    texts = ["the there", "here they are, these é😀"]
+    ids = [vocab.encode(t)[0] for t in texts]
+    l_max = max(map(len, ids))
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(2, l_max + 1, vocab.vocab_size, generator=g) * 3
+              + 200 * torch.rand(2, l_max + 1, 1, generator=g)).to(dtype)
+
+    class Batch:
+        teacher_ids = ids
+        teacher_input_ids = torch.zeros(2, l_max + 1, dtype=torch.long)
+        teacher_attention_mask = torch.ones(2, l_max + 1, dtype=torch.long)
+
+    eos = vocab.vocab_size - 1
+    got = teacher_byte_targets(Batch, vocab, conversion="cover", teacher_forward=lambda i, m: logits,
+                               eos_id=eos, backend="triton")
+    ref = teacher_byte_targets(Batch, vocab, conversion="cover", teacher_forward=lambda i, m: logits,
+                               eos_id=eos, backend="torch")
+    assert got.token_logprobs is None and torch.equal(got.mask, ref.mask)
+    assert_backends_agree(got.byte_logprobs, ref.byte_logprobs)
+    _, lse = teacher_token_logits(lambda i, m: logits, Batch, backend="triton")
+    for b, seq in enumerate(ids):
+        n = int(got.mask[b].sum())
+        lp = torch.log_softmax(logits[b, : len(seq) + 1].double(), -1)
+        assert_matches(got.byte_logprobs[b, :n], brute_force(lp, seq, vocab, eos_id=eos))
+        assert bool(((lse[b].double() - torch.logsumexp(logits[b].double(), -1)).abs() < 1e-4).all())
 
 
 # ---------------------------------------------------------------------- real vocabularies

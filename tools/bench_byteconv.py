@@ -13,7 +13,11 @@ length L it prints, all measured in the same run:
   (it must come out near 1.0x: its output is a copy of the logits); on CUDA
   `torch.cuda.max_memory_allocated` over `memory_allocated` before the call;
 * positions (teacher tokens) per second and text bytes per second;
-* the same for the batched form `byte_logprobs_batch` on `[B, L + 1, V]`.
+* the same for the batched form `byte_logprobs_batch` on `[B, L + 1, V]`;
+* the fused path (what training runs: raw logits in, each row's log-normaliser computed by the
+  backend, no log-softmax written), single and batched, as a ratio to the same `log_softmax`
+  (goal on an H200: <= 1x) and with its extra peak memory. The synthetic rows are
+  log-probabilities, which are valid logits (normaliser 0): the work is the same.
 
 The logits are synthetic but shaped like a language model's: a fixed Zipf prior over a random
 ranking of the vocabulary (`-ZIPF_S * log(1 + rank)`), per-row gaussian noise (std `NOISE_STD`),
@@ -55,6 +59,7 @@ from pathlib import Path
 import torch
 
 from bld_scale.convert import byte_logprobs, byte_logprobs_batch, one_pass
+from bld_scale.convert.backends import log_normaliser_function
 from bld_scale.convert.byte_rows import token_layout
 from bld_scale.convert.one_pass import one_pass_splits
 from bld_scale.convert.running_sums import chunk_rows
@@ -199,11 +204,20 @@ BACKEND = "torch"
 
 
 def _ops(lp: torch.Tensor, windows, vocab) -> dict:
+    norm = log_normaliser_function(BACKEND, lp.device)
+
+    def fused_batch():
+        lse = norm(lp.view(-1, lp.shape[-1])).view(lp.shape[:-1])
+        return byte_logprobs_batch(lp, windows, vocab, eos_id=TEKKEN_EOS, backend=BACKEND, log_normaliser=lse)
+
     return {
         "byte_logprobs": lambda: byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS, backend=BACKEND),
+        "byte_logprobs_fused": lambda: byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS, backend=BACKEND,
+                                                     log_normaliser=norm(lp[0])),
         "log_softmax": lambda: torch.log_softmax(lp[0], dim=-1),
         "byte_logprobs_batch": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=TEKKEN_EOS,
                                                            backend=BACKEND),
+        "byte_logprobs_batch_fused": fused_batch,
         "log_softmax_batch": lambda: torch.log_softmax(lp, dim=-1),
     }
 
@@ -227,7 +241,7 @@ def memory_child(spec: dict) -> dict:
     windows = load_windows(vocab, spec["length"], spec["batch"])
     lp = make_logprobs(windows, vocab.vocab_size, device)
     op = _ops(lp, windows, vocab)[spec["op"]]
-    logits_bytes = (lp[0] if spec["op"] in ("byte_logprobs", "log_softmax") else lp).numel() * 4
+    logits_bytes = (lp if "batch" in spec["op"] else lp[0]).numel() * 4
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -408,28 +422,38 @@ def bench_length(vocab, length: int, batch: int, device: str, repeats: int, do_b
     del out
 
     ops = _ops(lp, windows, vocab)
-    times = interleaved({k: ops[k] for k in ("byte_logprobs", "log_softmax")}, repeats, device)
+    times = interleaved({k: ops[k] for k in ("byte_logprobs", "byte_logprobs_fused", "log_softmax")}, repeats,
+                        device)
     single = dict(byte_logprobs_s=statistics.median(times["byte_logprobs"]),
+                  fused_s=statistics.median(times["byte_logprobs_fused"]),
                   log_softmax_s=statistics.median(times["log_softmax"]),
-                  ratio=paired_ratio(times, "byte_logprobs", "log_softmax"), times_s=times)
+                  ratio=paired_ratio(times, "byte_logprobs", "log_softmax"),
+                  fused_ratio=paired_ratio(times, "byte_logprobs_fused", "log_softmax"), times_s=times)
     single["positions_per_s"] = length / single["byte_logprobs_s"]
     single["bytes_per_s"] = res["text_bytes"] / single["byte_logprobs_s"]
     res["single"] = single
     print(f"  byte_logprobs       {single['byte_logprobs_s']:7.3f} s   log_softmax {single['log_softmax_s']:6.3f} s"
           f"   ratio {single['ratio']:5.2f}x (goal <= 3)   {single['positions_per_s']:,.0f} positions/s, "
           f"{single['bytes_per_s'] / 1e3:,.1f} kB/s   [refinement path: {res.get('refined')}]")
+    print(f"  fused from logits   {single['fused_s']:7.3f} s   ratio {single['fused_ratio']:5.2f}x "
+          f"(goal on an H200 <= 1)   {length / single['fused_s']:,.0f} positions/s")
     if do_batch:
-        times_b = interleaved({k: ops[k] for k in ("byte_logprobs_batch", "log_softmax_batch")},
-                              repeats, device)
+        times_b = interleaved({k: ops[k] for k in ("byte_logprobs_batch", "byte_logprobs_batch_fused",
+                                                   "log_softmax_batch")}, repeats, device)
         bat = dict(batch=batch, byte_logprobs_batch_s=statistics.median(times_b["byte_logprobs_batch"]),
+                   fused_s=statistics.median(times_b["byte_logprobs_batch_fused"]),
                    log_softmax_s=statistics.median(times_b["log_softmax_batch"]),
-                   ratio=paired_ratio(times_b, "byte_logprobs_batch", "log_softmax_batch"), times_s=times_b)
+                   ratio=paired_ratio(times_b, "byte_logprobs_batch", "log_softmax_batch"),
+                   fused_ratio=paired_ratio(times_b, "byte_logprobs_batch_fused", "log_softmax_batch"),
+                   times_s=times_b)
         bat["positions_per_s"] = batch * length / bat["byte_logprobs_batch_s"]
         bat["bytes_per_s"] = sum(n_bytes(w, vocab) for w in windows) / bat["byte_logprobs_batch_s"]
         res["batch"] = bat
         print(f"  batch {batch:<2}            {bat['byte_logprobs_batch_s']:7.3f} s   log_softmax "
               f"{bat['log_softmax_s']:6.3f} s   ratio {bat['ratio']:5.2f}x (goal <= 3)   "
               f"{bat['positions_per_s']:,.0f} positions/s, {bat['bytes_per_s'] / 1e3:,.1f} kB/s")
+        print(f"  batch {batch:<2} fused      {bat['fused_s']:7.3f} s   ratio {bat['fused_ratio']:5.2f}x "
+              f"(goal on an H200 <= 1)   {batch * length / bat['fused_s']:,.0f} positions/s")
     if do_profile:
         res["profile"] = profile_call(lp, windows, vocab, top=10)
         print_profile(res["profile"])
@@ -445,7 +469,8 @@ def bench_length(vocab, length: int, batch: int, device: str, repeats: int, do_b
     del lp, ops
     if do_memory:
         mem = {}
-        names = ["byte_logprobs", "log_softmax"] + (["byte_logprobs_batch"] if do_batch else [])
+        names = ["byte_logprobs", "byte_logprobs_fused", "log_softmax"] + (
+            ["byte_logprobs_batch", "byte_logprobs_batch_fused"] if do_batch else [])
         for name in names:
             m = measure_memory(name, length, batch if "batch" in name else 1, device, threads)
             mem[name] = m

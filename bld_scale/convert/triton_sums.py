@@ -14,6 +14,11 @@ order of the float64 additions differs from `torch.cumsum`, so results agree to 
 not bit for bit. Compensated float32 was not used: float64 costs little next to the gather, and
 it keeps `refine_small_masses` (which assumes float64 running sums) valid unchanged.
 
+Fused from raw logits (`bld_scale.convert.dispatch.teacher_token_logits`): a third kernel computes
+each row's log-normaliser in one read (a running max and float64 sum of exps per lane), and the
+running-sums kernel subtracts it in float32 as it reads the row (as `log_softmax` would), so the
+logits are read twice and the `[B, L, V]` log-softmax is never written.
+
 Triton decides whether to interpret (`TRITON_INTERPRET=1`, which runs the kernels on CPU tensors,
 slowly) when it defines a kernel, its own standard-library ones at `import triton`: the variable
 must be set before triton is first imported. This module is imported only when the backend is

@@ -179,20 +179,38 @@ def part_conversion(ws) -> dict:
     ws.log(f"(a) max |dp| over {here.shape[0]:,} byte rows: {device.type} vs {how} {dp:.2e}"
            + (f", vs the float64 definition {dp_definition:.2e}" if device.type == "cuda" else ""))
 
-    ops = {"conversion": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=eos),
+    from bld_scale.convert.backends import log_normaliser_function, resolve_backend
+
+    backend = resolve_backend("auto", device)  # triton on CUDA when it imports
+    norm = log_normaliser_function(backend, device)
+
+    def fused():  # what training runs: raw logits in (these log-probabilities are valid logits)
+        lse = norm(lp.view(-1, lp.shape[-1])).view(lp.shape[:-1])
+        return byte_logprobs_batch(lp, windows, vocab, eos_id=eos, backend=backend, log_normaliser=lse)
+
+    ops = {"conversion": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=eos, backend=backend),
+           "conversion_torch": lambda: byte_logprobs_batch(lp, windows, vocab, eos_id=eos, backend="torch"),
+           "fused": fused,
            "log_softmax": lambda: torch.log_softmax(lp, dim=-1)}
     times = bench.interleaved(ops, p.warmup + p.repeats, device)
     times = {k: v[p.warmup:] for k, v in times.items()}
     ratio = bench.paired_ratio(times, "conversion", "log_softmax")
+    torch_ratio = bench.paired_ratio(times, "conversion_torch", "log_softmax")
+    fused_ratio = bench.paired_ratio(times, "fused", "log_softmax")
     conv_s, soft_s = statistics.median(times["conversion"]), statistics.median(times["log_softmax"])
-    ws.log(f"(a) conversion {conv_s:.3f} s, log_softmax {soft_s:.3f} s: ratio {ratio:.2f}x")
+    fused_s = statistics.median(times["fused"])
+    ws.log(f"(a) conversion ({backend}) {conv_s:.3f} s, log_softmax {soft_s:.3f} s: ratio {ratio:.2f}x; "
+           f"torch backend {torch_ratio:.2f}x; fused from logits {fused_s:.3f} s = {fused_ratio:.2f}x")
     extra, method = extra_peak_bytes(ops["conversion"], device)
+    fused_extra, _ = extra_peak_bytes(ops["fused"], device)
     soft_extra, _ = extra_peak_bytes(ops["log_softmax"], device)
-    ws.log(f"(a) extra peak memory: conversion {_ratio(extra, logits_bytes)}, log_softmax "
-           f"{_ratio(soft_extra, logits_bytes)} of the logits ({logits_bytes / 2**30:.2f} GiB)")
+    ws.log(f"(a) extra peak memory: conversion {_ratio(extra, logits_bytes)}, fused {_ratio(fused_extra, logits_bytes)}, "
+           f"log_softmax {_ratio(soft_extra, logits_bytes)} of the logits ({logits_bytes / 2**30:.2f} GiB)")
     text_bytes = sum(bench.n_bytes(w, vocab) for w in windows)
     return dict(vocabulary=vocab.name, V=vocab.vocab_size, B=B, L=L, text_bytes=text_bytes,
-                conversion_s=conv_s, log_softmax_s=soft_s, conversion_ratio=ratio, times_s=times,
+                conversion_s=conv_s, log_softmax_s=soft_s, conversion_ratio=ratio, times_s=times, backend=backend,
+                torch_conversion_ratio=torch_ratio, fused_s=fused_s, fused_conversion_ratio=fused_ratio,
+                fused_extra_memory_ratio=None if fused_extra is None else fused_extra / logits_bytes,
                 positions_per_s=B * L / conv_s, logits_bytes=logits_bytes, extra_peak_bytes=extra,
                 extra_memory_ratio=None if extra is None else extra / logits_bytes,
                 log_softmax_extra_peak_bytes=soft_extra, memory_method=method,

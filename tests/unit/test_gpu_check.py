@@ -66,8 +66,8 @@ def test_cpu_mode_passes_every_part_and_writes_sane_json(cpu_run):
     assert report["passed"] is True and report["parts_run"] == ["a", "b", "c"]
     for part in ("a", "b", "c"):
         assert report["parts"][part]["ok"] is True and report["parts"][part]["error"] is None
-    for key in ("conversion_ratio", "step_ratio", "plain_tokens_per_s", "pipeline_tokens_per_s",
-                "achieved_tflops"):
+    for key in ("conversion_ratio", "fused_conversion_ratio", "torch_conversion_ratio", "step_ratio",
+                "plain_tokens_per_s", "pipeline_tokens_per_s", "achieved_tflops"):
         assert _finite_positive(report[key]), (key, report[key])
     assert report["final_save_ok"] is True and report["resume_ok"] is True
     # on a CPU there is no peak to divide by: MFU is null, the achieved rate is still there

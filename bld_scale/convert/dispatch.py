@@ -20,9 +20,9 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from bld_scale.convert.backends import check_backend, log_normaliser_function
-from bld_scale.convert.byte_rows import pad_byte_rows
+from bld_scale.convert.byte_rows import check_logprobs, pad_byte_rows
 from bld_scale.convert.exact import BATCH_CHUNK_TOKENS, byte_logprobs_exact, exact_byte_targets
-from bld_scale.convert.one_pass import byte_logprobs_one_pass
+from bld_scale.convert.one_pass import byte_logprobs_one_pass, one_pass_texts
 from bld_scale.data.packing import padded_teacher_view
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -84,6 +84,16 @@ def byte_logprobs_batch(logprobs: torch.Tensor, ids: Sequence[Sequence[int]], vo
     if logprobs.dim() != 3 or logprobs.shape[0] != len(ids):
         raise ValueError(f"logprobs must be [B, L_max + 1, V] with B = len(ids) = {len(ids)}; got "
                          f"{tuple(logprobs.shape)}")
+    if mode in ONE_PASS_MODES and not exact:  # all texts in one pass (one_pass_texts)
+        check_backend(backend)
+        width = logprobs.shape[1]
+        for b, seq in enumerate(ids):
+            check_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id)
+        lse = None if log_normaliser is None else _flat_normaliser(log_normaliser, logprobs)
+        return pad_byte_rows(one_pass_texts(logprobs.reshape(-1, logprobs.shape[-1]),
+                                            [(b * width, seq) for b, seq in enumerate(ids)], vocab, eos_id=eos_id,
+                                            within_token=mode == "within_token", backend=backend,
+                                            log_normaliser=lse))
     rows = [byte_logprobs(logprobs[b, : len(seq) + 1], seq, vocab, eos_id=eos_id, mode=mode, backend=backend,
                           log_normaliser=None if log_normaliser is None else log_normaliser[b, : len(seq) + 1],
                           **exact)
@@ -100,11 +110,24 @@ def byte_logprobs_packed(logprobs: torch.Tensor, batch, vocab: TokenBytes, *, eo
     the windows' rows end to end (`batch.packing.byte_row_bounds`).
     """
     bounds = batch.packing.teacher_bounds
-    rows = [byte_logprobs(logprobs[0, bounds[b]:bounds[b + 1]], ids, vocab, eos_id=eos_id, mode=mode,
-                          backend=backend,
-                          log_normaliser=None if log_normaliser is None else log_normaliser[0, bounds[b]:bounds[b + 1]])
-            for b, ids in enumerate(batch.teacher_ids)]
+    check_mode(mode)
+    check_backend(backend)
+    if mode not in ONE_PASS_MODES:
+        raise ValueError(f"byte_logprobs_packed converts the one-pass modes {ONE_PASS_MODES}; mode {mode!r} "
+                         "goes through teacher_byte_targets")
+    for b, ids in enumerate(batch.teacher_ids):
+        check_logprobs(logprobs[0, bounds[b]:bounds[b + 1]], ids, vocab, eos_id)
+    lse = None if log_normaliser is None else _flat_normaliser(log_normaliser, logprobs)
+    rows = one_pass_texts(logprobs[0], [(bounds[b], ids) for b, ids in enumerate(batch.teacher_ids)], vocab,
+                          eos_id=eos_id, within_token=mode == "within_token", backend=backend, log_normaliser=lse)
     return _end_to_end(rows, batch)
+
+
+def _flat_normaliser(log_normaliser: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    if tuple(log_normaliser.shape) != tuple(logprobs.shape[:-1]):
+        raise ValueError(f"log_normaliser must hold one value per row of the logits, shape "
+                         f"{tuple(logprobs.shape[:-1])}; got {tuple(log_normaliser.shape)}")
+    return log_normaliser.reshape(-1)
 
 
 def _end_to_end(rows, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,13 +30,15 @@ SentencePiece teacher's dummy-prefix space is one extra row in front of the text
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from bld_scale.convert.backends import running_sums_class
-from bld_scale.convert.byte_rows import EOT, check_logprobs, gather_logprobs, normalise_rows, start_rows
+from bld_scale.convert.byte_rows import (EOT, NUM_BYTE_OUTCOMES, check_logprobs, gather_logprobs, normalise_rows,
+                                        token_layout)
 from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -71,31 +73,69 @@ def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: To
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
     """
     check_logprobs(logprobs, ids, vocab, eos_id)
-    device = logprobs.device
-    running_sums = running_sums_class(backend, device)
     if log_normaliser is not None and tuple(log_normaliser.shape) != (logprobs.shape[0],):
         raise ValueError(f"log_normaliser must hold one value per row of the logits, shape "
                          f"({logprobs.shape[0]},); got {tuple(log_normaliser.shape)}")
-    data, starts, out, log_prefix = start_rows(logprobs, ids, vocab, log_normaliser)
-    if not data:
-        return out.float()
+    return one_pass_texts(logprobs, [(0, ids)], vocab, eos_id=eos_id, within_token=within_token,
+                          backend=backend, log_normaliser=log_normaliser)[0]
 
-    if eos_id is not None:  # EOT at canonical boundaries n = s_k
-        rows = torch.arange(len(ids), device=device)
-        eot = log_prefix[: len(ids)] + gather_logprobs(logprobs, rows, torch.full_like(rows, int(eos_id)),
-                                                       log_normaliser)
-        out[torch.as_tensor(starts, device=device), EOT] = eot
 
-    split_k, split_n, split_node = one_pass_splits(data, starts, vocab, within_token=within_token)
-    index = vocab.index
-    memory = logprobs.numel() * logprobs.element_size()
-    edges = split_edges(logprobs[: len(ids)], split_k, split_n, split_node, log_prefix, index, memory,
+@torch.no_grad()
+def one_pass_texts(rows: torch.Tensor, texts: Sequence[tuple[int, Sequence[int]]], vocab: TokenBytes, *,
+                   eos_id: int | None = None, within_token: bool = False, backend: str = "torch",
+                   log_normaliser: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`byte_logprobs_one_pass` of several texts whose teacher rows lie in one `[R, V]` tensor.
+
+    texts: `(first_row, ids)` per text: its `len(ids) + 1` rows start at `rows[first_row]` (a
+    padded batch flattened: `b * (L_max + 1)`; a packed row: each window's start). All texts go
+    through one set of running sums, one edge list and one log-add, so the device work does not
+    grow a Python loop per text (only the host-side trie walks are per text); the numbers are those
+    of converting each text alone (the same sums per row, the same additions per cell).
+    log_normaliser: `[R]`, when `rows` are raw logits. Returns one `[N_b + 1, 257]` tensor per text.
+    """
+    device = rows.device
+    running_sums = running_sums_class(backend, device)
+    layouts = [token_layout(ids, vocab) for _, ids in texts]
+    first = [int(f) for f, _ in texts]
+    lengths = [len(ids) for _, ids in texts]
+    out_offsets = np.concatenate([[0], np.cumsum([len(data) + 1 for data, _ in layouts])])
+    out = torch.full((int(out_offsets[-1]), NUM_BYTE_OUTCOMES), -math.inf, dtype=torch.float64, device=device)
+    out[torch.as_tensor(out_offsets[1:] - 1, device=device), EOT] = 0.0  # each text's last row: all EOT
+
+    # log P(t_<k) of every text, k = 0..L_b, at its rows' places (rows of no text: -inf)
+    l_max = max(lengths, default=0)
+    token_row = torch.as_tensor(np.asarray([f + k for f, n in zip(first, lengths) for k in range(n)],
+                                           dtype=np.int64), device=device)
+    token_id = torch.as_tensor(np.asarray([int(t) for _, ids in texts for t in ids], dtype=np.int64), device=device)
+    canon = torch.zeros((len(texts), l_max), dtype=torch.float64, device=device)
+    position = np.arange(l_max + 1)[None, :]
+    canon[torch.as_tensor(position[:, :-1] < np.asarray(lengths)[:, None], device=device)] = \
+        gather_logprobs(rows, token_row, token_id, log_normaliser)
+    prefix = torch.cat([canon.new_zeros(len(texts), 1), torch.cumsum(canon, 1)], dim=1)
+    log_prefix = torch.full((rows.shape[0],), -math.inf, dtype=torch.float64, device=device)
+    prefix_row = torch.as_tensor(np.asarray([f + k for f, n in zip(first, lengths) for k in range(n + 1)],
+                                            dtype=np.int64), device=device)
+    log_prefix[prefix_row] = prefix[torch.as_tensor(position <= np.asarray(lengths)[:, None], device=device)]
+
+    if eos_id is not None and token_row.numel():  # EOT at canonical boundaries n = s_k
+        at = np.concatenate([off + starts for off, (_, starts) in zip(out_offsets, layouts)])
+        eot = log_prefix[token_row] + gather_logprobs(rows, token_row, torch.full_like(token_row, int(eos_id)),
+                                                      log_normaliser)
+        out[torch.as_tensor(at, device=device), EOT] = eot
+
+    splits = [one_pass_splits(data, starts, vocab, within_token=within_token) for data, starts in layouts]
+    split_k = np.concatenate([k + f for (k, _, _), f in zip(splits, first)] or [np.zeros(0, np.int64)])
+    split_n = np.concatenate([n + off for (_, n, _), off in zip(splits, out_offsets)] or [np.zeros(0, np.int64)])
+    split_node = np.concatenate([node for _, _, node in splits] or [np.zeros(0, np.int64)])
+    memory = rows.numel() * rows.element_size()
+    edges = split_edges(rows, split_k, split_n, split_node, log_prefix, vocab.index, memory,
                         running_sums=running_sums, log_normaliser=log_normaliser)
     if edges["value"].numel():
-        tables = index.torch_tables(device)
+        perm = vocab.index.torch_tables(device)["perm"]
         eot_only = out.clone()
         logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
-        if refine_small_masses(out, edges, log_prefix, logprobs, tables["perm"], log_normaliser):
+        if refine_small_masses(out, edges, log_prefix, rows, perm, log_normaliser):
             out = eot_only
             logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
-    return normalise_rows(out)
+    out = normalise_rows(out)
+    return [out[int(a):int(b)] for a, b in zip(out_offsets[:-1], out_offsets[1:])]

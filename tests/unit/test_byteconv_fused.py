@@ -134,3 +134,30 @@ def test_training_targets_read_the_raw_logits(dtype):
         assert_matches(plain.byte_logprobs[b, :n], ref)
     raw, lse = teacher_token_logits(forward, batch)
     assert raw is logits and lse.shape == logits.shape[:-1]  # the logits are not copied
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("mode", ["cover", "within_token"])
+def test_one_pass_over_a_batch_equals_each_text_alone(fused, mode):
+    """`byte_logprobs_batch` converts every text in one pass (`one_pass_texts`): texts of unequal
+    lengths, an empty one and a one-token one give, bit for bit, their conversions alone."""
+    from bld_scale.convert import byte_logprobs_batch
+
+    vocab = table_vocab(SMALL)
+    texts = ["the there here, they é😀 these", "", "t", "here"]
+    ids = [vocab.encode(t)[0] for t in texts]
+    width = max(map(len, ids)) + 1
+    logits = raw_logits(len(texts) * width, vocab.vocab_size, 3.0, seed=11, offset=30.0)
+    logits = logits.view(len(texts), width, -1)
+    scores = logits if fused else torch.log_softmax(logits, -1)
+    lse = torch.logsumexp(logits, -1) if fused else None
+    eos = vocab.vocab_size - 1
+    got, mask = byte_logprobs_batch(scores, ids, vocab, eos_id=eos, mode=mode, log_normaliser=lse)
+    for b, seq in enumerate(ids):
+        alone = byte_logprobs(scores[b, : len(seq) + 1], seq, vocab, eos_id=eos, mode=mode,
+                              log_normaliser=None if lse is None else lse[b, : len(seq) + 1])
+        n = alone.shape[0]
+        assert torch.equal(got[b, :n], alone) and bool(mask[b, :n].all()) and not bool(mask[b, n:].any())
+        assert bool(torch.isinf(got[b, n:]).all())
+    with pytest.raises(ValueError, match="one value per row"):
+        byte_logprobs_batch(logits, ids, vocab, log_normaliser=torch.zeros(len(texts), width - 1))

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
 def refusal_labels() -> dict:
     """Exception types that are refusals of bad input (one line on rank 0, exit 2, no traceback),
     with the words that introduce their message. Anything else is a bug: traceback, exit 1."""
+    from bld_scale.cache.errors import TeacherCacheError
     from bld_scale.checkpoint import ResumeError
     from bld_scale.checkpoint.run_lock import OutputDirLocked
     from bld_scale.config import RecipeError
@@ -106,7 +107,7 @@ def refusal_labels() -> dict:
     from bld_scale.train.teacher_tokenizer import TokenizerError
 
     return {RecipeError: "bad recipe", ResumeError: "cannot resume", OutputDirLocked: "output_dir in use",
-            TokenizerError: "tokenizer mismatch", DataError: "bad data"}
+            TokenizerError: "tokenizer mismatch", DataError: "bad data", TeacherCacheError: "teacher cache"}
 
 
 def _on_rank0(message: str) -> None:

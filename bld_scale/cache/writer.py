@@ -115,8 +115,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             log(f"teacher cache {folder} is complete ({total} windows): nothing to do")
             return found
     barrier()
+    folder.mkdir(parents=True, exist_ok=True)  # every rank: idempotent, and no rank waits on another's
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
         if found is None:
             write_atomic(folder / MANIFEST, json.dumps({**wanted, "complete": False}, indent=1))
     barrier()

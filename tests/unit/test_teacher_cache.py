@@ -211,3 +211,21 @@ def test_a_shard_damaged_after_the_build_is_refused_when_read(tmp_path):
     cache.window_rows(0, texts[0])
     with pytest.raises(TeacherCacheError, match="shard-000001.safetensors: content differs"):
         cache.window_rows(3, texts[3])
+
+
+def test_targets_sit_at_each_windows_offset_plus_shift(tmp_path):
+    """A dummy-prefix teacher (shift 1) reads text offset n at row n + 1: the layout of
+    convert.dispatch, padded; the last row of a window is q_N (all EOT)."""
+    from types import SimpleNamespace
+
+    build(tmp_path / "c")
+    r = recipe()
+    texts = stream_windows(r, 2)
+    batch = SimpleNamespace(teacher_shift=torch.tensor([1, 0]), packing=None)
+    q, mask = TeacherCache.open(tmp_path / "c", r, 2).targets(batch, texts, 0)
+    rows = synthetic_rows(texts)
+    for b, shift in enumerate((1, 0)):
+        n = len(texts[b].encode())
+        assert torch.equal(q[b, shift:shift + n], rows[b].float())
+        assert q[b, shift + n, 256] == 0 and torch.isinf(q[b, shift + n, :256]).all()
+        assert mask[b, : shift + n + 1].all() and not mask[b, shift + n + 1:].any()

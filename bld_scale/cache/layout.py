@@ -3,13 +3,15 @@
     manifest.json            what the cache is (`cache_header`): teacher and tokenizer fingerprints,
                              conversion mode, data and window settings, k, dtype, window count;
                              "complete": false while shards are being written, then true with
-                             every shard's bytes, SHA-256 and window range ("shards")
+                             every shard's bytes, SHA-256 and window range ("shards") and the
+                             mass truncation left out per outcome, summed ("tail_mass": the
+                             profile truncated rows are decoded with, `cache.rows`)
     shard-000000.safetensors windows [s*W, (s+1)*W) of the stream (W = windows_per_shard):
                              `row_offsets` int64 [w+1] (the index: window i's rows are
                              row_offsets[i]:row_offsets[i+1], one row per text byte),
                              `window_sha256` uint8 [w, 8] (the start of each window text's SHA-256)
                              and the rows (`cache.rows`)
-    shard-000000.json        that shard's bytes, SHA-256 and windows, written after it (atomically):
+    shard-000000.json        that shard's bytes, SHA-256, windows and tail mass, written after it (atomically):
                              a shard without one, or that does not match it, is redone on a rerun
 
 Hashing and fingerprints are the checkpoint package's (`checkpoint.manifest.hash_file`,

@@ -22,7 +22,7 @@ import torch
 
 from bld_scale.cache.errors import TeacherCacheError
 from bld_scale.cache.layout import read_manifest, shard_name, shard_problem, source_problems, window_digest
-from bld_scale.cache.rows import OUTCOMES, decode_rows
+from bld_scale.cache.rows import OUTCOMES, decode_rows, tail_prior
 from bld_scale.convert.byte_rows import pad_byte_rows
 
 BUILD = "tools/cache_teacher.py --config RECIPE --out DIR"
@@ -36,6 +36,7 @@ class TeacherCache:
         self.windows = int(manifest["windows"])
         self.per_shard = int(manifest["windows_per_shard"])
         self._shard: tuple[int, dict] | None = None  # the one shard held in memory
+        self.prior = tail_prior(manifest.get("tail_mass"))  # where truncated rows' remaining mass goes
 
     @classmethod
     def open(cls, folder, recipe, windows_needed: int) -> "TeacherCache":
@@ -92,7 +93,7 @@ class TeacherCache:
                 f"({BUILD})")
         a, b = int(t["row_offsets"][i]), int(t["row_offsets"][i + 1])
         stored = {name: t[name][a:b] for name in ("symbols", "logprobs", "rest") if name in t}
-        return decode_rows(stored)
+        return decode_rows(stored, self.prior)
 
     def targets(self, batch, windows: Sequence[str], first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(byte_logprobs, mask) of `batch` (made from `windows`, stream windows `first`, `first + 1`, ...)

@@ -20,7 +20,7 @@ import torch
 from bld_scale.cache.errors import TeacherCacheError
 from bld_scale.cache.layout import (MANIFEST, cache_header, read_manifest, shard_name, shard_problem, sidecar_name,
                                     window_digest)
-from bld_scale.cache.rows import DTYPES, check_top_k, encode_rows
+from bld_scale.cache.rows import DTYPES, check_top_k, encode_rows, tail_sums
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
 from bld_scale.data.batch import PairTokenizer, collate, split_windows
@@ -59,7 +59,7 @@ def _header_problems(found: dict, wanted: dict) -> list[str]:
     return [f"{k}: {found.get(k)!r} there, {wanted[k]!r} asked" for k in keys]
 
 
-def _write_shard(folder: Path, index: int, tensors: dict, windows: tuple[int, int]) -> None:
+def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], windows: tuple[int, int]) -> None:
     from safetensors.torch import save_file
 
     path = folder / shard_name(index)
@@ -69,11 +69,12 @@ def _write_shard(folder: Path, index: int, tensors: dict, windows: tuple[int, in
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(folder)
-    record = {**hash_file(path), "windows": list(windows), "rows": int(tensors["row_offsets"][-1])}
+    record = {**hash_file(path), "windows": list(windows), "rows": int(tensors["row_offsets"][-1]), "tail_mass": tail}
     write_atomic(folder / sidecar_name(index), json.dumps(record))
 
 
-def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str, batch_size: int) -> dict:
+def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
+                  batch_size: int) -> tuple[dict, list[float]]:
     rows = []
     for i in range(0, len(texts), batch_size):
         part = texts[i:i + batch_size]
@@ -85,8 +86,9 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
         rows.extend(got)
     sizes = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.int64)
     digests = torch.tensor([list(window_digest(t)) for t in texts], dtype=torch.uint8)
-    return {"row_offsets": sizes.cumsum(0), "window_sha256": digests,
-            **encode_rows(torch.cat(rows), top_k, dtype)}
+    q = torch.cat(rows)
+    stored = encode_rows(q, top_k, dtype)
+    return {"row_offsets": sizes.cumsum(0), "window_sha256": digests, **stored}, tail_sums(q, stored)
 
 
 def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_windows: int | None = None,
@@ -136,7 +138,7 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             continue
         if entry is not None:
             log(f"redoing {problem}")
-        _write_shard(folder, s, _encode_shard(texts, rows_of, top_k, dtype, batch_size), (first, last))
+        _write_shard(folder, s, *_encode_shard(texts, rows_of, top_k, dtype, batch_size), (first, last))
         made += 1
         log(f"rank {rank}: shard {s + 1}/{n_shards} (windows {first}..{last - 1}) written")
     print(f"[bld_scale] rank {rank}: {made} shards written, {done} already complete", flush=True)
@@ -150,7 +152,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
                 raise TeacherCacheError(f"{sidecar} is missing after every rank finished: run the same "
                                         "command again to redo that shard")
             shards[shard_name(s)] = json.loads(sidecar.read_text())
-        manifest = {**wanted, "complete": True, "shards": shards}
+        tail = [sum(col) for col in zip(*(entry["tail_mass"] for entry in shards.values()))]
+        manifest = {**wanted, "complete": True, "tail_mass": tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
         log(f"teacher cache {folder}: {total} windows in {n_shards} shards (k={top_k}, {dtype})")
     barrier()

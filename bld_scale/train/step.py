@@ -102,8 +102,8 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     `bld_scale.convert.exact.exact_byte_targets`). `teacher_targets`: method `bld`'s byte targets
     `(byte_logprobs, mask)` already made, in the layout `teacher_byte_targets` gives (e.g. read from
     a teacher cache, `bld_scale.cache`, whose truncated rows decode to proper distributions: the
-    stored top-k in place, the remaining mass spread uniformly over the other outcomes); the
-    teacher is then neither called nor needed. Returns `(loss, logs)`; logs hold `loss`,
+    stored top-k in place, the remaining mass spread over the other outcomes by the cache's tail
+    profile, `bld_scale.cache.rows`); the teacher is then neither called nor needed. Returns `(loss, logs)`; logs hold `loss`,
     `loss_ce`, and per method `loss_byte_ce`, `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens`
     and `bytes` counted in the batch.
     """

@@ -89,6 +89,32 @@ def test_truncated_rows_keep_the_top_k_bytes_and_spread_the_rest_uniformly():
         assert row.sum() == pytest.approx(1.0, abs=1e-6)  # float32 rows
 
 
+def test_the_remaining_mass_follows_the_tail_profile():
+    q = synthetic_rows(["a text with a tail"])[0]
+    k = 6
+    stored = encode_rows(q, k, "float32")
+    profile = np.linspace(1.0, 3.0, 257)
+    got = decode_rows(stored, torch.tensor(profile / profile.sum())).double().exp().numpy()
+    for row, want in zip(got, q.exp().numpy()):
+        top = np.argsort(-want[:256], kind="stable")[:k]
+        others = np.setdiff1d(np.arange(257), top)
+        ref = np.empty(257)
+        ref[top] = want[top]
+        ref[others] = want[others].sum() * profile[others] / profile[others].sum()
+        np.testing.assert_allclose(row, ref, rtol=1e-5, atol=1e-12)
+
+
+def test_the_manifest_sums_the_mass_truncation_left_out(tmp_path):
+    manifest = build(tmp_path / "c", top_k=4)
+    texts = stream_windows(recipe(), WINDOWS)
+    p = torch.cat(synthetic_rows(texts)).exp()
+    top = torch.topk(p[:, :256], 4).indices
+    want = p.scatter(1, top, 0.0).sum(0)
+    np.testing.assert_allclose(manifest["tail_mass"], want.numpy(), rtol=1e-9)
+    cache = TeacherCache.open(tmp_path / "c", recipe(), 1)
+    assert torch.allclose(cache.prior, (want / want.sum()).clamp(min=1e-9))
+
+
 def test_float16_rows_are_proper_distributions_near_the_originals():
     q = synthetic_rows(["half precision"])[0]
     got = decode_rows(encode_rows(q, 16, "float16"))

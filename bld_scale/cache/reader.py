@@ -72,8 +72,8 @@ class TeacherCache:
         name = shard_name(shard)
         problem = shard_problem(self.folder, shard, self.manifest["shards"].get(name))
         if problem is not None:
-            raise TeacherCacheError(f"distill.teacher_cache={self.folder}: {problem}; rebuild the cache "
-                                    f"({BUILD} redoes damaged shards when its manifest is removed)")
+            raise TeacherCacheError(f"distill.teacher_cache={self.folder}: {problem}; run the {BUILD} command "
+                                    "that made it again: it redoes damaged shards")
         tensors = load_file(str(self.folder / name))
         self._shard = (shard, tensors)
         return tensors

@@ -6,7 +6,8 @@ Each shard is written to a temporary name, fsynced and renamed, then its record 
 is written atomically beside it: a rerun after an interruption skips every shard that matches its
 record, and redoes the rest (missing, partial, damaged, or never recorded). No shard is written
 twice, none is lost. When every rank is done, rank 0 lists the shards in manifest.json and marks
-the cache complete.
+the cache complete. Rerunning on a complete cache checks every shard the same way (and redoes one
+damaged since).
 """
 from __future__ import annotations
 
@@ -113,9 +114,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
         if problems:
             raise TeacherCacheError(f"{folder} holds a teacher cache made otherwise ({'; '.join(problems)}): "
                                     "pass another --out, or remove that folder to rebuild it")
-        if found.get("complete"):
-            log(f"teacher cache {folder} is complete ({total} windows): nothing to do")
-            return found
+        if found.get("complete"):  # checked again all the same: a shard damaged since is redone
+            log(f"teacher cache {folder} is complete ({total} windows): checking its shards")
     barrier()
     folder.mkdir(parents=True, exist_ok=True)  # every rank: idempotent, and no rank waits on another's
     if rank == 0:

@@ -1,7 +1,7 @@
 """The teacher cache (bld_scale.cache): the row codec against an independent reference, building
 with resume after interruptions and damage, ranks splitting the shards, reading by window, and
 every refusal. The teacher is replaced by synthetic rows (a function of the window's text), so
-these run in seconds; tests/integration/test_teacher_cache.py runs the real teacher and pipeline.
+these run in seconds; tests/integration/test_offline_teacher.py runs the real teacher and pipeline.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to the ranks, the stop file BLD_STOP_FILE, o
 launcher above them makes every rank save at the next step boundary and exit 0; a second Ctrl-C
 (2 s or more after the first) aborts without saving (exit 130). Rank 0 holds <output_dir>/run.lock
 while the run lives: a second run on the same output_dir is refused.
-Exit status: 0 done or stopped cleanly; 2 refused (bad recipe, data, tokenizer, checkpoint, or
+Exit status: 0 done or stopped cleanly; 2 refused (bad recipe, data, tokenizer, checkpoint, teacher cache, or
 output_dir in use; one `bld_scale:` line on rank 0, no traceback); 1 a bug (traceback).
 """
 import argparse

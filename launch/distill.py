@@ -11,7 +11,7 @@ SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to the ranks, the stop file BLD_STOP_FILE, o
 launcher above them makes every rank save at the next step boundary and exit 0; a second Ctrl-C
 (2 s or more after the first) aborts without saving (exit 130). Rank 0 holds <output_dir>/run.lock
 while the run lives: a second run on the same output_dir is refused.
-Exit status: 0 done or stopped cleanly; 2 refused (bad recipe, data, tokenizer, checkpoint, or
+Exit status: 0 done or stopped cleanly; 2 refused (bad recipe, data, tokenizer, checkpoint, teacher cache, or
 output_dir in use; one `bld_scale:` line on rank 0, no traceback); 1 a bug (traceback).
 """
 import argparse
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
 def refusal_labels() -> dict:
     """Exception types that are refusals of bad input (one line on rank 0, exit 2, no traceback),
     with the words that introduce their message. Anything else is a bug: traceback, exit 1."""
+    from bld_scale.cache.errors import TeacherCacheError
     from bld_scale.checkpoint import ResumeError
     from bld_scale.checkpoint.run_lock import OutputDirLocked
     from bld_scale.config import RecipeError
@@ -106,7 +107,7 @@ def refusal_labels() -> dict:
     from bld_scale.train.teacher_tokenizer import TokenizerError
 
     return {RecipeError: "bad recipe", ResumeError: "cannot resume", OutputDirLocked: "output_dir in use",
-            TokenizerError: "tokenizer mismatch", DataError: "bad data"}
+            TokenizerError: "tokenizer mismatch", DataError: "bad data", TeacherCacheError: "teacher cache"}
 
 
 def _on_rank0(message: str) -> None:

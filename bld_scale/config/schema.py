@@ -135,6 +135,9 @@ class DistillConfig:
                                       "conversion cover/within_token: what computes the running sums; torch: "
                                       "any device; triton: fused kernels on CUDA; auto: triton on CUDA when "
                                       "triton imports, else torch (same numbers to float64 rounding)")
+    teacher_cache: Optional[str] = _path(None, help="bld: folder made by tools/cache_teacher.py; the byte targets come "
+                                                    "from it and the teacher is not loaded (any student tokenizer); "
+                                                    "null: the teacher runs online")
 
 
 @dataclass

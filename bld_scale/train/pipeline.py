@@ -55,6 +55,7 @@ class Pipeline:
             else torch.device("cpu")
         seed_everything(recipe.seed)  # same initial student on every rank
         self.corpus = open_corpus(recipe.data, log=self.log)  # bad data is refused before any model loads
+        self.teacher_cache = open_teacher_cache(recipe, self.world, self.log)  # None: the teacher runs online
         out = Path(recipe.output_dir)
         self.ckpt = CheckpointManager(recipe.checkpoint_dir, self.rank, self.world, recipe.checkpoint.keep,
                                       recipe.checkpoint.interval)
@@ -76,8 +77,9 @@ class Pipeline:
                                       teacher_config=teacher_config)
         check_normal_forms([("data.train", self.corpus.train), ("data.heldout", self.corpus.heldout)],
                            [self.sides.teacher_vocab, self.sides.student_vocab], recipe.data.normalize, log=self.log)
-        # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
-        self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
+        # loaded for every method (even `ce` reports the teacher's held-out BPB), unless targets come from a cache
+        self.teacher = None if self.teacher_cache is not None else \
+            setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
         student = setup_student(recipe, len(self.sides.student_tok))
         self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
@@ -159,7 +161,7 @@ class Pipeline:
     @torch.no_grad()
     def evaluate_teacher(self) -> dict | None:
         """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
-        if not self.eval_windows:
+        if not self.eval_windows or self.teacher is None:
             return None
         d = self.recipe.distill
         sums = TeacherNllSums()
@@ -190,12 +192,17 @@ class Pipeline:
         if self._agree_stop():  # asked to stop before any step: nothing new to save
             return self._stopped(start, progress)
         for step in range(start + 1, t.max_steps + 1):
+            first = self.stream.position + self.rank * global_batch // self.world  # this rank's first window
             mine = rank_share(self.stream.take(global_batch), self.rank, self.world)
             for m in range(t.grad_accum):
-                batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
-                loss, logs = distill_step(self._teacher_forward, self.student, batch, self.recipe.distill,
-                                          teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
-                                          teacher_model=self.teacher, agree_forwards=self._agree_forwards)
+                windows = mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]
+                batch = self._batch(windows)
+                cached = self.teacher_cache.targets(batch, windows, first + m * t.micro_batch_size) \
+                    if self.teacher_cache is not None else None
+                loss, logs = distill_step(self._teacher_forward if self.teacher is not None else None, self.student, batch,
+                                          self.recipe.distill, teacher_vocab=self.sides.teacher_vocab,
+                                          teacher_eos_id=self.sides.teacher_eos, teacher_model=self.teacher,
+                                          agree_forwards=self._agree_forwards, teacher_targets=cached)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()
@@ -289,6 +296,19 @@ class Pipeline:
         if self.rank == 0:
             save_hf_folder(student_holding(self.student.module, state), self.sides.student_tok,
                            Path(self.recipe.output_dir) / "final")
+
+
+def open_teacher_cache(recipe: Recipe, world: int, log):
+    """distill.teacher_cache checked against the recipe (before any model loads), or None without one."""
+    if not recipe.distill.teacher_cache:
+        return None
+    from bld_scale.cache.reader import TeacherCache
+
+    t = recipe.train
+    cache = TeacherCache.open(recipe.distill.teacher_cache, recipe, t.max_steps * t.micro_batch_size * t.grad_accum * world)
+    log(f"teacher targets from the cache {recipe.distill.teacher_cache} ({cache.windows} windows, k="
+        f"{cache.manifest['top_k']}, {cache.manifest['dtype']}): the teacher is not loaded")
+    return cache
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

@@ -90,7 +90,8 @@ def same_token_teacher_rows(logprobs: torch.Tensor, batch: DistillBatch) -> torc
 
 def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch, cfg: DistillConfig, *,
                  teacher_vocab: TokenBytes | None = None, teacher_eos_id: int | None = None, teacher_model=None,
-                 agree_forwards: Callable[[int], int] | None = None):
+                 agree_forwards: Callable[[int], int] | None = None,
+                 teacher_targets: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Loss of one batch and the logs of each term (detached).
 
     `cfg` is the recipe's `distill` section (method, weights, divergence, conversion).
@@ -98,7 +99,11 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     method `bld` its byte targets; `teacher_model` (the module or engine behind
     `teacher_forward`) is needed by conversion "exact", which runs tree-masked forwards;
     `agree_forwards` keeps their count equal over ranks (see
-    `bld_scale.convert.exact.exact_byte_targets`). Returns `(loss, logs)`; logs hold `loss`,
+    `bld_scale.convert.exact.exact_byte_targets`). `teacher_targets`: method `bld`'s byte targets
+    `(byte_logprobs, mask)` already made, in the layout `teacher_byte_targets` gives (e.g. read from
+    a teacher cache, `bld_scale.cache`, whose truncated rows decode to proper distributions: the
+    stored top-k in place, the remaining mass spread over the other outcomes by the cache's tail
+    profile, `bld_scale.cache.rows`); the teacher is then neither called nor needed. Returns `(loss, logs)`; logs hold `loss`,
     `loss_ce`, and per method `loss_byte_ce`, `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens`
     and `bytes` counted in the batch.
     """
@@ -111,15 +116,20 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     if method == "ce":
         loss = token_ce(token_logits, batch.student_labels)
         return loss, {"loss": loss.detach(), "loss_ce": loss.detach(), **counts}
-    if teacher_forward is None:
+    if teacher_targets is not None and method != "bld":
+        raise ValueError(f"teacher_targets are byte targets, which only method 'bld' reads (not {method!r})")
+    if teacher_forward is None and teacher_targets is None:
         raise ValueError(f"distill.method={method!r} needs a teacher")
     if method == "bld":
-        if teacher_vocab is None:
+        if teacher_targets is not None:
+            q, q_mask = teacher_targets
+        elif teacher_vocab is None:
             raise ValueError("method 'bld' needs the teacher's TokenBytes for the conversion")
-        q, q_mask, _ = teacher_byte_targets(batch, teacher_vocab, conversion=cfg.conversion,
-                                            teacher_forward=teacher_forward, teacher_model=teacher_model,
-                                            eos_id=teacher_eos_id, exact_chunk_tokens=cfg.exact_chunk_tokens,
-                                            agree_forwards=agree_forwards, backend=cfg.conversion_backend)
+        else:
+            q, q_mask, _ = teacher_byte_targets(batch, teacher_vocab, conversion=cfg.conversion,
+                                                teacher_forward=teacher_forward, teacher_model=teacher_model,
+                                                eos_id=teacher_eos_id, exact_chunk_tokens=cfg.exact_chunk_tokens,
+                                                agree_forwards=agree_forwards, backend=cfg.conversion_backend)
         rows, row_mask = gather_teacher_rows(q, batch.teacher_rows, q_mask)
         loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
                               rows, row_mask, lambda_b=cfg.lambda_b, lambda_kl=cfg.lambda_kl,

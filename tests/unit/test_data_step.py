@@ -208,3 +208,19 @@ def test_bld_with_exact_targets_runs_one_tree_forward_per_text(tiny_pair):
     loss, logs = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld", conversion="exact"),
                               teacher_vocab=t_vocab, teacher_model=teacher)
     assert torch.isfinite(loss) and "loss_kl" in logs
+
+
+def test_bld_from_given_byte_targets_needs_no_teacher(tiny_pair):
+    """distill_step with `teacher_targets` (what a teacher cache serves) gives the online loss,
+    without calling the teacher; other methods refuse byte targets."""
+    from bld_scale.convert.dispatch import teacher_byte_targets
+
+    teacher, t_vocab, s_vocab, batch = tiny_pair
+    student = _student(s_vocab, head="linear")
+    cfg = DistillConfig(method="bld")
+    online, _ = distill_step(_teacher_fn(teacher), student, batch, cfg, teacher_vocab=t_vocab)
+    q, mask, _ = teacher_byte_targets(batch, t_vocab, conversion="cover", teacher_forward=_teacher_fn(teacher))
+    given, logs = distill_step(None, student, batch, cfg, teacher_targets=(q, mask))
+    assert torch.equal(given, online) and logs["loss_kl"] > 0
+    with pytest.raises(ValueError, match="only method 'bld'"):
+        distill_step(None, student, batch, DistillConfig(method="uld"), teacher_targets=(q, mask))

@@ -5,7 +5,7 @@ TYPE_CHECKING): a lazy import is still a dependency. Layers as in the project's 
 never imports higher; a module may import its own layer):
 
     config, tokenize -> data -> convert -> model -> evaluate, train.losses, train.step
-      -> parallel, checkpoint -> train.pipeline (and the rest of train/)
+      -> parallel, checkpoint, cache -> train.pipeline (and the rest of train/)
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ LAYERS = {
     "bld_scale.train.step": 4,
     "bld_scale.parallel": 5,
     "bld_scale.checkpoint": 5,
+    "bld_scale.cache": 5,
     "bld_scale.train": 6,
 }
 

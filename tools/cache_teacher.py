@@ -1,0 +1,110 @@
+"""Run a recipe's teacher once over its training windows and store its next-byte targets.
+
+    python tools/cache_teacher.py --config RECIPE --out DIR [--top-k K] [--dtype float16|float32]
+        [--max-windows N] [--windows-per-shard W] [--batch-size B] [key=value ...]
+    deepspeed [--num_gpus G] tools/cache_teacher.py ...      (or torchrun: ranks split the shards)
+
+The windows are the recipe's training stream in the pipeline's order (seed, data.*), the first N
+with --max-windows (default: one epoch). Each text byte keeps the top-k next-byte log-probabilities
+with their byte values and the remaining mass (k = 257: the whole row, lossless in float32); see
+`bld_scale.cache` for the files, the manifest and how truncated rows are decoded. Train from it
+with `distill.teacher_cache=DIR`: no teacher loaded, a student of any tokenizer.
+Rerunning the same command resumes: shards already written and intact are kept, the rest (never
+written, partial, damaged) are redone. Exit status: 0 done; 2 refused (one `bld_scale:` line).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the recipe YAML the students will train with")
+    parser.add_argument("--out", required=True, help="the cache folder (created; a rerun resumes it)")
+    parser.add_argument("--top-k", type=int, default=None, help="byte values kept per text byte "
+                        "(1..256, or 257: everything); default bld_scale.cache.rows.DEFAULT_TOP_K")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default=None,
+                        help="stored log-probabilities; default bld_scale.cache.rows.DEFAULT_DTYPE")
+    parser.add_argument("--max-windows", type=int, default=None, help="cache the first N windows (default: one epoch)")
+    parser.add_argument("--windows-per-shard", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per teacher forward "
+                        "(default: train.micro_batch_size)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted recipe overrides, as for launch/distill.py")
+    return parser.parse_args(argv)
+
+
+def load_teacher(recipe, device):
+    """The teacher on this rank alone (a plain HF model: ranks convert different windows)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bld_scale.parallel.engines import resolve_precision
+    from bld_scale.train.setup import teacher_section
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(recipe.teacher.dtype)]
+    model = AutoModelForCausalLM.from_pretrained(teacher_section(recipe).path, dtype=dtype).to(device).eval()
+    return model
+
+
+def build(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from bld_scale.cache.rows import DEFAULT_DTYPE, DEFAULT_TOP_K
+    from bld_scale.cache.writer import build_cache, teacher_rows
+    from bld_scale.config import load_recipe
+    from bld_scale.parallel.engines import init_distributed
+    from bld_scale.train.setup import load_teacher_config, setup_tokenizers
+
+    recipe = load_recipe(args.config, args.overrides)
+    rank, world = init_distributed()
+    log = (lambda m: print(f"[bld_scale] {m}", flush=True)) if rank == 0 else (lambda m: None)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    config = load_teacher_config(recipe)
+    sides = setup_tokenizers(recipe, config.get_text_config().vocab_size, log=log, teacher_config=config)
+    model = load_teacher(recipe, device)
+
+    def forward(ids, mask, position_ids=None):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+    d = recipe.distill
+    rows_of = teacher_rows(forward, model, sides.teacher_vocab, bos=sides.teacher_bos, eos=sides.teacher_eos,
+                           conversion=d.conversion, exact_chunk_tokens=d.exact_chunk_tokens,
+                           backend=d.conversion_backend, device=device)
+    with torch.no_grad():
+        build_cache(recipe, args.out, rows_of, top_k=args.top_k or DEFAULT_TOP_K, dtype=args.dtype or DEFAULT_DTYPE,
+                    max_windows=args.max_windows, windows_per_shard=args.windows_per_shard,
+                    batch_size=args.batch_size or recipe.train.micro_batch_size, rank=rank, world=world,
+                    barrier=dist.barrier, log=log)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from bld_scale.cache.errors import TeacherCacheError
+    from bld_scale.config import RecipeError
+    from bld_scale.data.errors import DataError
+    from bld_scale.train.teacher_tokenizer import TokenizerError
+
+    try:
+        build(args)
+    except (TeacherCacheError, RecipeError, DataError, TokenizerError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"bld_scale: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if "torch.distributed" in sys.modules:
+            from bld_scale.parallel.engines import shutdown_distributed
+
+            shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

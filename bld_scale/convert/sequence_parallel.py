@@ -1,0 +1,111 @@
+"""Sequence-parallel byte targets: each rank converts its own teacher rows, rows move by byte offset.
+
+The collectives of the scheme in `bld_scale.convert.shard_plan`, for a batch of windows at once:
+1. one all-gather of a float64 per window and rank (its canonical tokens' log-probability sum),
+   from which each rank takes the exclusive prefix sum `log P(t_<k0)`;
+2. local: each rank's partial byte rows (`shard_rows.partial_one_pass_rows`) over its range;
+3. one all-to-all (`all_to_all_single`, which gloo and NCCL both run) that delivers every byte
+   row a rank's student slots read, from every rank whose tokens reach it (1036 bytes a row);
+4. local: the pieces log-added and normalised (`shard_plan.combine_rows`).
+The teacher's `[rows, V]` log-probabilities never leave their rank. Every rank holds the whole
+batch (token ids, offsets: small); only the models' sequence positions are split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bld_scale.convert.byte_rows import token_layout
+from bld_scale.convert.shard_plan import (PACKED_WIDTH, combine_rows, contribution_range, exclusive_prefix,
+                                          pack_rows, routing_plan)
+from bld_scale.convert.shard_rows import canonical_logprobs, partial_one_pass_rows
+from bld_scale.tokenize.token_bytes import TokenBytes
+
+SEQUENCE_PARALLEL_MODES = ("cover", "within_token")
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    """This rank's place in its sequence-parallel group: `rank` of `size`; `group` the process
+    group (None: the default group, when the whole world is one SP group)."""
+
+    rank: int
+    size: int
+    group: object = None
+
+
+def _all_gather(t: torch.Tensor, sp: SequenceGroup) -> torch.Tensor:
+    if sp.size == 1:
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(sp.size)]
+    dist.all_gather(out, t, group=sp.group)
+    return torch.stack(out)
+
+
+def _all_to_all_rows(send: list[torch.Tensor], recv_counts: list[int], sp: SequenceGroup, device) -> list[torch.Tensor]:
+    """Packed rows to every rank of the group (`send[dst]`), rows from every rank back (`recv_counts[src]`)."""
+    if sp.size == 1:
+        return send
+    flat = torch.cat(send) if send else torch.zeros((0, PACKED_WIDTH), device=device)
+    out = torch.empty((sum(recv_counts), PACKED_WIDTH), dtype=flat.dtype, device=device)
+    dist.all_to_all_single(out, flat.contiguous(), output_split_sizes=list(recv_counts),
+                           input_split_sizes=[int(s.shape[0]) for s in send], group=sp.group)
+    return list(out.split(list(recv_counts)))
+
+
+def sequence_parallel_rows(local_logprobs: torch.Tensor, teacher_ids: Sequence[Sequence[int]], vocab: TokenBytes,
+                           teacher_bounds: Sequence[int], wanted: Sequence[Sequence[np.ndarray]], sp: SequenceGroup, *,
+                           eos_id: int | None = None, mode: str = "cover", backend: str = "torch") -> list[torch.Tensor]:
+    """The normalised byte rows `[len(wanted[b][sp.rank]), 257]` (float32) of each window b that
+    this rank's student slots read: the numbers `byte_logprobs` gives for the unsplit window.
+
+    local_logprobs: `[B, k1 - k0, V]`, this rank's slice `[k0, k1) = teacher_bounds[rank:rank + 2]`
+      of each window's teacher rows `[BOS] + t_1..t_L` (the same split for every window, as
+      Ulysses splits a padded batch; rows past a window's end are ignored).
+    teacher_ids: each window's canonical tokens (every rank has them all).
+    wanted: `wanted[b][r]`, ascending unique byte rows rank r reads from window b (every rank's).
+    Collective over `sp.group`: every rank of the group calls it with the same batch.
+    """
+    if mode not in SEQUENCE_PARALLEL_MODES:
+        raise ValueError(f"sequence-parallel conversion runs modes {', '.join(SEQUENCE_PARALLEL_MODES)}; "
+                         f"got {mode!r} (set parallel.sequence_parallel: 1 for it)")
+    if len(teacher_bounds) != sp.size + 1:
+        raise ValueError(f"teacher_bounds has {len(teacher_bounds)} entries for {sp.size} ranks (need size + 1)")
+    device = local_logprobs.device
+    k0 = int(teacher_bounds[sp.rank])
+    layouts = [token_layout(ids, vocab) for ids in teacher_ids]
+    sums = torch.stack([canonical_logprobs(local_logprobs[b], ids, k0).sum() for b, ids in enumerate(teacher_ids)]) \
+        if teacher_ids else torch.zeros(0, dtype=torch.float64, device=device)
+    before = exclusive_prefix(_all_gather(sums, sp), sp.rank)  # [B]
+    send: list[list[torch.Tensor]] = [[] for _ in range(sp.size)]
+    recv_counts = [0] * sp.size
+    plans = []
+    for b, ids in enumerate(teacher_ids):
+        data, starts = layouts[b]
+        ranges = [contribution_range(starts, len(data), int(teacher_bounds[r]), int(teacher_bounds[r + 1]),
+                                     vocab.max_token_len) for r in range(sp.size)]
+        plan = routing_plan(ranges, wanted[b])
+        plans.append(plan)
+        lo, hi = ranges[sp.rank]
+        acc = partial_one_pass_rows(local_logprobs[b], ids, vocab, k0, before[b], lo, hi, eos_id=eos_id,
+                                    within_token=mode == "within_token", backend=backend)
+        for dst in range(sp.size):
+            rows = plan[sp.rank][dst]
+            send[dst].append(pack_rows(acc.index_select(0, torch.as_tensor(rows - lo, device=device))))
+        for src in range(sp.size):
+            recv_counts[src] += len(plan[src][sp.rank])
+    empty = torch.zeros((0, PACKED_WIDTH), device=device)
+    received = _all_to_all_rows([torch.cat(parts) if parts else empty for parts in send], recv_counts, sp, device)
+    out, taken = [], [0] * sp.size
+    for b, plan in enumerate(plans):
+        pieces = []
+        for src in range(sp.size):
+            rows = plan[src][sp.rank]
+            pieces.append((rows, received[src][taken[src]:taken[src] + len(rows)]))
+            taken[src] += len(rows)
+        out.append(combine_rows(np.asarray(wanted[b][sp.rank]), pieces, len(layouts[b][0]), device))
+    return out

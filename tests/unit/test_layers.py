@@ -46,9 +46,10 @@ CONVERT_LAYERS = {
     "bld_scale.convert.exact": 3,
     "bld_scale.convert.shard_plan": 1,
     "bld_scale.convert.shard_rows": 3,
-    "bld_scale.convert.sequence_parallel": 4,
-    "bld_scale.convert.dispatch": 5,
-    "bld_scale.convert": 6,
+    "bld_scale.convert.shard_exact": 4,
+    "bld_scale.convert.sequence_parallel": 5,
+    "bld_scale.convert.dispatch": 6,
+    "bld_scale.convert": 7,
 }
 
 

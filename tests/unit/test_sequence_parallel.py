@@ -6,6 +6,7 @@ real: two gloo processes (torch.multiprocessing) against `byte_logprobs` of the 
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -127,6 +128,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ToyCausalLM(torch.nn.Module):
+    """One attention layer that takes the tree forwards' 4D additive mask and position ids
+    (`convert.tree_forward`): a teacher for mode exact without importing transformers into the
+    spawned ranks (seconds each on this machine)."""
+
+    def __init__(self, vocab_size: int, width: int = 16, seed: int = 1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.pos = torch.nn.Embedding(vocab_size, width), torch.nn.Embedding(128, width)
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, vocab_size)
+        self.double().eval()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        Q = input_ids.shape[1]
+        pos = torch.arange(Q)[None] if position_ids is None else position_ids
+        h = self.emb(input_ids) + self.pos(pos)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / 4.0
+        if attention_mask is None or attention_mask.dim() == 2:
+            scores = scores.masked_fill(~torch.tril(torch.ones(Q, Q, dtype=torch.bool)), float("-inf"))
+        else:
+            scores = scores + attention_mask[:, 0]
+        return self.out(h + torch.softmax(scores, -1) @ v) * 3.0
+
+
+@functools.lru_cache(maxsize=1)
+def _exact_teacher():
+    return ToyCausalLM(VOCAB.vocab_size)
+
+
+def _exact_window(text: str):
+    from bld_scale.convert.exact import teacher_logprobs
+
+    ids, _ = VOCAB.encode(text)
+    return ids, teacher_logprobs(_exact_teacher(), ids, EOS).float()
+
+
 def _gloo_rank(rank, port, jobs, results):
     import torch.distributed as dist
 
@@ -136,14 +174,19 @@ def _gloo_rank(rank, port, jobs, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         for name, (mode, texts, bounds, wanted) in jobs.items():
-            windows = [_window(t, i) for i, t in enumerate(texts)]
+            exact = mode == "exact"
+            windows = [_exact_window(t) if exact else _window(t, i) for i, t in enumerate(texts)]
             rows = max(len(ids) for ids, _ in windows) + 1
             lp = torch.zeros(len(texts), rows, VOCAB.vocab_size)
             for b, (ids, w) in enumerate(windows):
                 lp[b, : len(ids) + 1] = w
             local = lp[:, bounds[rank]:bounds[rank + 1]].clone()  # only this rank's rows go in
+            forwards = []
+            extra = dict(teacher_model=_exact_teacher(), bos_ids=[EOS] * len(texts), max_tokens=24,
+                         agree_forwards=lambda n: forwards.append(n) or n + 1) if exact else {}
             got = sequence_parallel_rows(local, [ids for ids, _ in windows], VOCAB, bounds, wanted,
-                                         SequenceGroup(rank, 2), eos_id=EOS, mode=mode)
+                                         SequenceGroup(rank, 2), eos_id=EOS, mode=mode, **extra)
+            results[(name, rank, "forwards")] = forwards
             results[(name, rank)] = [g.clone() for g in got]
     finally:
         dist.destroy_process_group()
@@ -157,7 +200,7 @@ def test_two_gloo_ranks_give_the_unsplit_rows():
     rows = max(len(ids) for ids, _ in windows) + 1
     bounds = even_bounds(rows, 2)
     jobs = {}
-    for mode in ("cover", "within_token"):
+    for mode in ("cover", "within_token", "exact"):
         wanted = []
         for ids, _ in windows:
             n = len(token_layout(ids, VOCAB)[0])
@@ -168,8 +211,15 @@ def test_two_gloo_ranks_give_the_unsplit_rows():
         results = manager.dict()
         mp.spawn(_gloo_rank, args=(_free_port(), jobs, results), nprocs=2)
         results = dict(results)
+    teacher = _exact_teacher()
     for mode, (_, _, _, wanted) in jobs.items():
-        for b, (ids, lp) in enumerate(windows):
-            ref = byte_logprobs(lp, ids, VOCAB, eos_id=EOS, mode=mode)
+        exact = mode == "exact"
+        for b, text in enumerate(texts):
+            ids, lp = _exact_window(text) if exact else windows[b]
+            extra = dict(teacher=teacher, bos_id=EOS) if exact else {}
+            ref = byte_logprobs(lp, ids, VOCAB, eos_id=EOS, mode=mode, **extra)
+            if exact:  # the extra contexts matter here: exact is not cover
+                assert not torch.allclose(ref, byte_logprobs(lp, ids, VOCAB, eos_id=EOS), atol=1e-3, equal_nan=True)
             for r in range(2):
                 assert_rows_equal(results[(mode, r)][b], ref[torch.as_tensor(wanted[b][r])])
+    assert all(results[("exact", r, "forwards")][0] > 0 for r in range(2))  # both ranks ran tree forwards

@@ -47,10 +47,13 @@ class Pipeline:
 
     def __init__(self, recipe: Recipe, fresh: bool = False):
         from bld_scale.parallel.engines import build_ds_config, build_student_engine, init_distributed, teacher_ds_config
+        from bld_scale.parallel.sequence import enable_ulysses, sequence_layout
 
         self.recipe = recipe
         self.stop = install_stop_handlers()  # SIGTERM / SIGUSR1 / SIGINT -> save at the next step boundary
         self.rank, self.world = init_distributed()
+        # parallel.sequence_parallel: groups of ranks share each window (refused here if it does not divide the world)
+        self.layout = sequence_layout(recipe.parallel.sequence_parallel, self.world, self.rank)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
             else torch.device("cpu")
         seed_everything(recipe.seed)  # same initial student on every rank
@@ -86,6 +89,10 @@ class Pipeline:
         if universal:  # saved with another world size: DeepSpeed's universal checkpoint
             student_cfg["checkpoint"] = {"load_universal": True}
         self.student = build_student_engine(student, recipe, student_cfg)
+        if self.layout.sp_size > 1:
+            enable_ulysses([self.teacher.module, self.student.module.lm], self.layout, recipe.train.micro_batch_size)
+            self.log(f"sequence parallel: {self.layout.sp_size} ranks share each window (DeepSpeed Ulysses), "
+                     f"{self.layout.dp_size} data-parallel replicas")
         self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
         data = recipe.data
         self.stream = WindowStream(self.corpus.train, data.window_bytes, recipe.seed, log=self.log)
@@ -137,6 +144,26 @@ class Pipeline:
         """The most teacher forwards any rank needs this step: ZeRO-3 ranks must call it alike."""
         return all_max(count, self.device, self.world)
 
+    def _step(self, batch):
+        """One micro-batch's loss and logs: the whole windows, or this rank's slice of them."""
+        kw = dict(teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
+                  teacher_model=self.teacher, agree_forwards=self._agree_forwards)
+        if self.layout.sp_size == 1:
+            return distill_step(self._teacher_forward, self.student, batch, self.recipe.distill, **kw)
+        from bld_scale.convert.sequence_parallel import SequenceGroup
+        from bld_scale.parallel.sequence import plain_attention
+        from bld_scale.train.sequence_step import sequence_parallel_step
+
+        lay = self.layout
+
+        def group_sum(values):
+            torch.distributed.all_reduce(values, group=lay.group)
+            return values
+
+        return sequence_parallel_step(self._teacher_forward, self.student, batch, self.recipe.distill,
+                                      SequenceGroup(lay.sp_rank, lay.sp_size, lay.group), group_sum,
+                                      plain_attention=plain_attention, **kw)
+
     def _eval_batches(self):
         mb = self.recipe.train.micro_batch_size
         for i in range(0, len(self.eval_windows), mb):
@@ -145,8 +172,14 @@ class Pipeline:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate_student(self) -> float | None:
+        from bld_scale.parallel.sequence import plain_attention
+
         if not self.eval_windows:
             return None
+        with plain_attention():  # each rank its own held-out windows, unsplit
+            return self._evaluate_student()
+
+    def _evaluate_student(self) -> float | None:
         self.student.eval()
         nll = n_bytes = 0.0
         for batch in self._eval_batches():
@@ -159,8 +192,14 @@ class Pipeline:
     @torch.no_grad()
     def evaluate_teacher(self) -> dict | None:
         """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
+        from bld_scale.parallel.sequence import plain_attention
+
         if not self.eval_windows:
             return None
+        with plain_attention():  # each rank its own held-out windows, unsplit
+            return self._evaluate_teacher()
+
+    def _evaluate_teacher(self) -> dict:
         d = self.recipe.distill
         sums = TeacherNllSums()
         for batch in self._eval_batches():
@@ -184,18 +223,17 @@ class Pipeline:
         if self.state.evals_before is None:  # a resumed run brings them from its checkpoint
             self.state.evals_before = self._evaluate_before_training()
         start, window = self.state.step, self.state.window
-        global_batch = t.micro_batch_size * t.grad_accum * self.world
+        dp_rank, dp_size = self.layout.dp_rank, self.layout.dp_size  # the ranks of a sequence-parallel group share windows
+        global_batch = t.micro_batch_size * t.grad_accum * dp_size
         progress = _progress(t.max_steps, self.rank == 0, start)
         window.begin()
         if self._agree_stop():  # asked to stop before any step: nothing new to save
             return self._stopped(start, progress)
         for step in range(start + 1, t.max_steps + 1):
-            mine = rank_share(self.stream.take(global_batch), self.rank, self.world)
+            mine = rank_share(self.stream.take(global_batch), dp_rank, dp_size)
             for m in range(t.grad_accum):
                 batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
-                loss, logs = distill_step(self._teacher_forward, self.student, batch, self.recipe.distill,
-                                          teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
-                                          teacher_model=self.teacher, agree_forwards=self._agree_forwards)
+                loss, logs = self._step(batch)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()

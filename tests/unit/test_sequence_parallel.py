@@ -223,3 +223,47 @@ def test_two_gloo_ranks_give_the_unsplit_rows():
             for r in range(2):
                 assert_rows_equal(results[(mode, r)][b], ref[torch.as_tensor(wanted[b][r])])
     assert all(results[("exact", r, "forwards")][0] > 0 for r in range(2))  # both ranks ran tree forwards
+
+
+# ---------------------------------------------------------------------- memory planning
+def test_estimate_memory_splits_each_window_over_the_sequence_parallel_gpus():
+    import sys
+
+    from bld_scale.config import load_recipe
+    from launching import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import estimate_memory
+
+    recipe = load_recipe(estimate_memory.DEMO_RECIPE, check_paths=False)
+    t_cfg, s_cfg = estimate_memory.teacher_config(recipe, None), estimate_memory.student_config(recipe, None)
+    one, two = (estimate_memory.estimate(recipe, 1, 2, t_cfg, s_cfg, 4.4, 3.7, sequence_parallel=n) for n in (1, 2))
+    rows = two["activations"].pop("sequence-parallel byte rows")
+    assert rows == estimate_memory.SP_ROW_BYTES * recipe.train.micro_batch_size * recipe.data.window_bytes / 2
+    assert "sequence-parallel byte rows" not in one["activations"]
+    for name, value in one["activations"].items():
+        assert two["activations"][name] == pytest.approx(value / 2), name
+    assert two["teacher"]["states"] == one["teacher"]["states"]  # ZeRO-3 shards over all GPUs either way
+    with pytest.raises(SystemExit, match="must divide the 2 GPUs"):
+        estimate_memory.estimate(recipe, 1, 2, t_cfg, s_cfg, 4.4, 3.7, sequence_parallel=3)
+    assert "split over 2 GPUs" in estimate_memory.render(two | {"activations": {**two["activations"], "x": rows}})
+
+
+def test_recipe_refuses_a_sequence_parallel_size_it_cannot_run():
+    from bld_scale.config import RecipeError, load_recipe
+
+    assert load_recipe(None, check_paths=False).parallel.sequence_parallel == 1
+    for overrides, message in ((["parallel.sequence_parallel=0"], "must be >= 1"),
+                               (["parallel.sequence_parallel=2", "data.pack=true"], "data.pack: false"),
+                               (["parallel.sequence_parallel=2", "distill.method=uld"], "method bld")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(None, overrides, check_paths=False)
+
+
+def test_world_size_must_be_a_multiple_of_the_sequence_parallel_size():
+    from bld_scale.parallel.sequence import sequence_layout
+
+    with pytest.raises(ValueError, match="does not divide the world size 3"):
+        sequence_layout(2, 3, 0)
+    layout = sequence_layout(1, 3, 2)  # off: every rank its own data-parallel replica
+    assert (layout.sp_size, layout.dp_rank, layout.dp_size) == (1, 2, 3)

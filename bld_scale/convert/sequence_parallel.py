@@ -2,8 +2,10 @@
 
 The collectives of the scheme in `bld_scale.convert.shard_plan`, for a batch of windows at once:
 1. one all-gather of a float64 per window and rank (its canonical tokens' log-probability sum),
-   from which each rank takes the exclusive prefix sum `log P(t_<k0)`;
-2. local: each rank's partial byte rows (`shard_rows.partial_one_pass_rows`) over its range;
+   from which each rank takes the exclusive prefix sum `log P(t_<k0)`; mode exact adds one float64
+   per tree root (the weight of an extra context's first token, sent by the rank holding its row);
+2. local: each rank's partial byte rows over its range (`shard_rows.partial_one_pass_rows`; mode
+   exact: `shard_exact.partial_exact_rows`, whose tree forwards run on the rank, counts agreed);
 3. one all-to-all (`all_to_all_single`, which gloo and NCCL both run) that delivers every byte
    row a rank's student slots read, from every rank whose tokens reach it (1036 bytes a row);
 4. local: the pieces log-added and normalised (`shard_plan.combine_rows`).

@@ -17,9 +17,13 @@ tree-masked forwards (each rank its own contexts). Runs on CPU (gloo) and GPU (N
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
+
+from bld_scale.convert.sequence_parallel import SequenceGroup
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,16 @@ class SequenceLayout:
     dp_rank: int
     dp_size: int
     group: object = None
+
+    def sequence_group(self) -> SequenceGroup:
+        """This rank's place in its group, as the sequence-parallel conversion takes it."""
+        return SequenceGroup(self.sp_rank, self.sp_size, self.group)
+
+    def group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over this rank's sequence-parallel group (an all-reduce)."""
+        if self.sp_size > 1:
+            dist.all_reduce(values, group=self.group)
+        return values
 
 
 def sequence_layout(size: int, world: int, rank: int) -> SequenceLayout:
@@ -95,6 +109,15 @@ def enable_ulysses(models: list, layout: SequenceLayout, micro_batch_size: int) 
         dispatch = _UlyssesDispatch(ALL_ATTENTION_FUNCTIONS[impl], by_config)
         ALL_ATTENTION_FUNCTIONS[impl] = dispatch
         _INSTALLED.append(dispatch)
+
+
+def unsplit(method):
+    """Decorator: `method` runs under `plain_attention()` (each rank its own whole sequences)."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with plain_attention():
+            return method(*args, **kwargs)
+    return run
 
 
 @contextlib.contextmanager

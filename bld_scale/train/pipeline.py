@@ -29,6 +29,8 @@ from bld_scale.data.normalize import check_normal_forms
 from bld_scale.data.packing import pack
 from bld_scale.data.sources import WindowStream, heldout_windows, open_corpus, rank_share
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
+from bld_scale.parallel.sequence import plain_attention, unsplit
+from bld_scale.train.sequence_step import sequence_parallel_step
 from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, student_holding, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
@@ -150,18 +152,8 @@ class Pipeline:
                   teacher_model=self.teacher, agree_forwards=self._agree_forwards)
         if self.layout.sp_size == 1:
             return distill_step(self._teacher_forward, self.student, batch, self.recipe.distill, **kw)
-        from bld_scale.convert.sequence_parallel import SequenceGroup
-        from bld_scale.parallel.sequence import plain_attention
-        from bld_scale.train.sequence_step import sequence_parallel_step
-
-        lay = self.layout
-
-        def group_sum(values):
-            torch.distributed.all_reduce(values, group=lay.group)
-            return values
-
         return sequence_parallel_step(self._teacher_forward, self.student, batch, self.recipe.distill,
-                                      SequenceGroup(lay.sp_rank, lay.sp_size, lay.group), group_sum,
+                                      self.layout.sequence_group(), self.layout.group_sum,
                                       plain_attention=plain_attention, **kw)
 
     def _eval_batches(self):
@@ -171,15 +163,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @unsplit  # each rank its own held-out windows, whole (no sequence parallelism)
     def evaluate_student(self) -> float | None:
-        from bld_scale.parallel.sequence import plain_attention
-
         if not self.eval_windows:
             return None
-        with plain_attention():  # each rank its own held-out windows, unsplit
-            return self._evaluate_student()
-
-    def _evaluate_student(self) -> float | None:
         self.student.eval()
         nll = n_bytes = 0.0
         for batch in self._eval_batches():
@@ -190,16 +177,11 @@ class Pipeline:
         return bits_per_byte(nll, n_bytes)
 
     @torch.no_grad()
+    @unsplit  # each rank its own held-out windows, whole (no sequence parallelism)
     def evaluate_teacher(self) -> dict | None:
         """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
-        from bld_scale.parallel.sequence import plain_attention
-
         if not self.eval_windows:
             return None
-        with plain_attention():  # each rank its own held-out windows, unsplit
-            return self._evaluate_teacher()
-
-    def _evaluate_teacher(self) -> dict:
         d = self.recipe.distill
         sums = TeacherNllSums()
         for batch in self._eval_batches():

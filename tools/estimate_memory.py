@@ -1,7 +1,8 @@
 """Per-GPU memory of a recipe's teacher and student under ZeRO-3, for a cluster shape.
 
     python tools/estimate_memory.py [--config RECIPE.yaml] [--nodes N] [--gpus-per-node G]
-        [--teacher-config llama-3.1-8b|CONFIG.json] [--student-vocab V] [key=value ...]
+        [--teacher-config llama-3.1-8b|CONFIG.json] [--student-vocab V] [--sequence-parallel N]
+        [key=value ...]
 
 Parameter counts come from the recipe's own model configs, built on the meta device (no weights
 read). Where a config is not on this machine (the shipped 8B recipe names /models/...), give it
@@ -27,6 +28,12 @@ bytes-per-token, flags below):
   transient activations;
 - conversion buffers (teacher next-token -> next-byte, `cover`): 0.22 x one sequence's fp32
   log-probabilities (measured peak in docs/bench/byteconv_cpu.json, L=4096, Tekken vocabulary).
+With sequence parallelism (`--sequence-parallel N`, default the recipe's parallel.sequence_parallel)
+N GPUs share each window (DeepSpeed Ulysses): every per-window term above is divided by N (each
+GPU holds 1/N of the positions, attention all-to-all over heads), and the byte rows the
+conversion exchanges are added: per byte row a GPU holds, its float64 partial row, the packed
+rows sent and received (1036 bytes each) and the combined float64 and float32 rows (~7.2 kB).
+Model states do not change (ZeRO-3 shards them over all GPUs either way).
 These are planning figures (+- 20 %), not guarantees: allocator fragmentation, NCCL buffers and
 the CUDA context (~1-2 GB) come on top.
 """
@@ -47,6 +54,9 @@ PRESETS = {
 }
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}
 CONVERSION_RATIO = 0.22  # extra peak of byte_logprobs / fp32 log-probs of one sequence (bench)
+# Bytes per byte row held under sequence parallelism: float64 partial row (2056), packed rows sent and
+# received (1036 each, convert.shard_plan.PACKED_ROW_BYTES), combined float64 (2056) and float32 (1028).
+SP_ROW_BYTES = 2056 + 2 * 1036 + 2056 + 1028
 
 
 def _meta_counts(model) -> tuple[int, int]:
@@ -96,7 +106,7 @@ def student_config(recipe, vocab: int | None) -> dict:
 
 
 def estimate(recipe, nodes: int, gpus_per_node: int, t_cfg: dict, s_cfg: dict,
-             teacher_bpt: float, student_bpt: float) -> dict:
+             teacher_bpt: float, student_bpt: float, sequence_parallel: int = 1) -> dict:
     import torch
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -104,6 +114,9 @@ def estimate(recipe, nodes: int, gpus_per_node: int, t_cfg: dict, s_cfg: dict,
     from bld_scale.parallel.engines import load_ds_json
 
     gpus = nodes * gpus_per_node
+    sp = int(sequence_parallel)
+    if sp < 1 or gpus % sp:
+        raise SystemExit(f"--sequence-parallel {sp} must divide the {gpus} GPUs (the ranks form groups of {sp})")
     t_model, t_c = _build_meta(t_cfg)
     t_total, t_largest = _meta_counts(t_model)
     s_model, s_c = _build_meta(s_cfg)
@@ -133,6 +146,9 @@ def estimate(recipe, nodes: int, gpus_per_node: int, t_cfg: dict, s_cfg: dict,
         "teacher layer transients": 2 * B * t_tok * (4 * t_c.hidden_size + 3 * t_c.intermediate_size),
         "conversion buffers": CONVERSION_RATIO * 4 * (t_tok + 1) * t_c.vocab_size,
     }
+    if sp > 1:  # each GPU holds 1/sp of every window's positions
+        act = {k: v / sp for k, v in act.items()}
+        act["sequence-parallel byte rows"] = SP_ROW_BYTES * B * W / sp
     student = {}
     for name, off_opt, off_par in (("none", False, False), ("optimizer", True, False),
                                    ("optimizer+params", True, True)):
@@ -143,7 +159,7 @@ def estimate(recipe, nodes: int, gpus_per_node: int, t_cfg: dict, s_cfg: dict,
         "none": {"gpu": t_bytes * t_total / gpus + t_bytes * (t_largest + prefetch), "cpu_per_node": 0},
         "params": {"gpu": t_bytes * (t_largest + prefetch), "cpu_per_node": t_bytes * t_total / nodes * 1.5},
     }
-    return {"gpus": gpus, "nodes": nodes, "gpus_per_node": gpus_per_node,
+    return {"gpus": gpus, "nodes": nodes, "gpus_per_node": gpus_per_node, "sequence_parallel": sp,
             "teacher": {"params": t_total, "largest_layer": t_largest, "dtype": recipe.teacher.dtype,
                         "vocab": t_c.vocab_size, "tokens_per_window": t_tok, "states": teacher},
             "student": {"params": s_total, "lm_params": s_lm_total, "head_params": h_total,
@@ -157,7 +173,9 @@ def render(e: dict) -> str:
     act_total = sum(act.values())
     lines = [
         f"cluster: {e['nodes']} node(s) x {e['gpus_per_node']} GPUs = {e['gpus']} GPUs; micro batch "
-        f"{e['micro_batch']} x {e['window_bytes']} bytes",
+        f"{e['micro_batch']} x {e['window_bytes']} bytes"
+        + (f", each window split over {e['sequence_parallel']} GPUs (sequence parallel)"
+           if e.get("sequence_parallel", 1) > 1 else ""),
         f"teacher: {t['params'] / 1e9:.2f}B parameters ({t['dtype']}), largest layer "
         f"{t['largest_layer'] / 1e6:.0f}M, vocab {t['vocab']}, ~{t['tokens_per_window']:.0f} tokens/window",
         f"student: {s['params'] / 1e9:.3f}B parameters (LM {s['lm_params'] / 1e9:.3f}B + byte head "
@@ -193,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--student-vocab", type=int, default=None)
     ap.add_argument("--teacher-bytes-per-token", type=float, default=4.4)
     ap.add_argument("--student-bytes-per-token", type=float, default=3.7)
+    ap.add_argument("--sequence-parallel", type=int, default=None,
+                    help="GPUs that share each window (default: the recipe's parallel.sequence_parallel)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*", help="dotted recipe overrides (train.micro_batch_size=2 ...)")
     args = ap.parse_args(argv)
@@ -201,7 +221,8 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.config, args.overrides, check_paths=False)
     e = estimate(recipe, args.nodes, args.gpus_per_node, teacher_config(recipe, args.teacher_config),
                  student_config(recipe, args.student_vocab), args.teacher_bytes_per_token,
-                 args.student_bytes_per_token)
+                 args.student_bytes_per_token,
+                 args.sequence_parallel if args.sequence_parallel is not None else recipe.parallel.sequence_parallel)
     print(json.dumps(e, indent=2) if args.json else render(e))
     return 0
 

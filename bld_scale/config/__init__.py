@@ -11,12 +11,12 @@ from bld_scale.config.checks import flash_attention_problem, validate_attention,
 from bld_scale.config.keys_help import format_default, recipe_keys_help
 from bld_scale.config.loading import apply_override, load_recipe, recipe_from_dict, recipe_yaml, save_resolved
 from bld_scale.config.schema import (BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_DIR, DS_CONFIG_NAMES, REPO_ROOT,
-                                     CheckpointConfig, DataConfig, DeepSpeedConfig, DistillConfig, LoggingConfig,
+                                     CheckpointConfig, DataConfig, DeepSpeedConfig, DistillConfig, LoggingConfig, ParallelConfig,
                                      Recipe, RecipeError, StudentConfig, TeacherConfig, TrainConfig)
 
 __all__ = [
     "BUILTIN_PREFIX", "BUILTIN_SPLITS", "DS_CONFIG_DIR", "DS_CONFIG_NAMES", "REPO_ROOT",
-    "CheckpointConfig", "DataConfig", "DeepSpeedConfig", "DistillConfig", "LoggingConfig", "Recipe",
+    "CheckpointConfig", "DataConfig", "DeepSpeedConfig", "DistillConfig", "LoggingConfig", "ParallelConfig", "Recipe",
     "RecipeError", "StudentConfig", "TeacherConfig", "TrainConfig",
     "apply_override", "flash_attention_problem", "format_default", "load_recipe", "recipe_from_dict",
     "recipe_keys_help", "recipe_yaml", "save_resolved", "validate_attention", "validate_paths",

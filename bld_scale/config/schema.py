@@ -172,6 +172,13 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks split the work beyond data parallelism."""
+    sequence_parallel: int = _opt(1, "ranks that share each window (DeepSpeed Ulysses; teacher logits and their "
+                                     "byte conversion split by position); world size must be a multiple; 1: off")
+
+
+@dataclass
 class LoggingConfig:
     """Metrics beyond metrics.jsonl (always written)."""
     tensorboard: bool = _opt(True, "TensorBoard events in <output_dir>/tensorboard (needs the tensorboard package)")
@@ -191,6 +198,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:

@@ -229,12 +229,15 @@ def _contexts_by_node(ctx: ExactContexts, M: int) -> list:
     return [np.asarray(c, dtype=np.int64) for c in by_node]
 
 
-def _node_weights(node_lp, nodes, rows, parent, node_token, P, logprobs, log_prefix) -> None:
-    """log P(path to node) for one forward's nodes (whole branches, ascending: parents first)."""
+def _node_weights(node_lp, nodes, rows, parent, node_token, P, logprobs, log_prefix, roots_given=False) -> None:
+    """log P(path to node) for one forward's nodes (whole branches, ascending: parents first).
+
+    roots_given: `node_lp` already holds the roots' weights (a sequence-parallel rank gets them from
+    the rank holding their canonical row: `bld_scale.convert.shard_exact`)."""
     device = node_lp.device
     tok = torch.as_tensor(node_token[nodes], device=device)
     is_root = parent[nodes] < P
-    if is_root.any():
+    if is_root.any() and not roots_given:
         r = torch.as_tensor(np.flatnonzero(is_root), device=device)
         at = torch.as_tensor(parent[nodes][is_root], device=device)
         node_lp[torch.as_tensor(nodes[is_root], device=device)] = log_prefix[at] + logprobs[at, tok[r]].double()

@@ -29,6 +29,8 @@ from bld_scale.data.normalize import check_normal_forms
 from bld_scale.data.packing import pack
 from bld_scale.data.sources import WindowStream, heldout_windows, open_corpus, rank_share
 from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
+from bld_scale.parallel.sequence import plain_attention, unsplit
+from bld_scale.train.sequence_step import sequence_parallel_step
 from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, student_holding, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
@@ -47,10 +49,13 @@ class Pipeline:
 
     def __init__(self, recipe: Recipe, fresh: bool = False):
         from bld_scale.parallel.engines import build_ds_config, build_student_engine, init_distributed, teacher_ds_config
+        from bld_scale.parallel.sequence import enable_ulysses, sequence_layout
 
         self.recipe = recipe
         self.stop = install_stop_handlers()  # SIGTERM / SIGUSR1 / SIGINT -> save at the next step boundary
         self.rank, self.world = init_distributed()
+        # parallel.sequence_parallel: groups of ranks share each window (refused here if it does not divide the world)
+        self.layout = sequence_layout(recipe.parallel.sequence_parallel, self.world, self.rank)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
             else torch.device("cpu")
         seed_everything(recipe.seed)  # same initial student on every rank
@@ -88,6 +93,10 @@ class Pipeline:
         if universal:  # saved with another world size: DeepSpeed's universal checkpoint
             student_cfg["checkpoint"] = {"load_universal": True}
         self.student = build_student_engine(student, recipe, student_cfg)
+        if self.layout.sp_size > 1:
+            enable_ulysses([self.teacher.module, self.student.module.lm], self.layout, recipe.train.micro_batch_size)
+            self.log(f"sequence parallel: {self.layout.sp_size} ranks share each window (DeepSpeed Ulysses), "
+                     f"{self.layout.dp_size} data-parallel replicas")
         self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
         data = recipe.data
         self.stream = WindowStream(self.corpus.train, data.window_bytes, recipe.seed, log=self.log)
@@ -139,6 +148,18 @@ class Pipeline:
         """The most teacher forwards any rank needs this step: ZeRO-3 ranks must call it alike."""
         return all_max(count, self.device, self.world)
 
+    def _step(self, batch, cached=None):
+        """One micro-batch's loss and logs: the whole windows, or this rank's slice of them;
+        `cached`: the batch's byte targets from distill.teacher_cache (no teacher loaded)."""
+        kw = dict(teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
+                  teacher_model=self.teacher, agree_forwards=self._agree_forwards)
+        if self.layout.sp_size == 1:
+            forward = self._teacher_forward if self.teacher is not None else None
+            return distill_step(forward, self.student, batch, self.recipe.distill, teacher_targets=cached, **kw)
+        return sequence_parallel_step(self._teacher_forward, self.student, batch, self.recipe.distill,
+                                      self.layout.sequence_group(), self.layout.group_sum,
+                                      plain_attention=plain_attention, **kw)
+
     def _eval_batches(self):
         mb = self.recipe.train.micro_batch_size
         for i in range(0, len(self.eval_windows), mb):
@@ -146,6 +167,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @unsplit  # each rank its own held-out windows, whole (no sequence parallelism)
     def evaluate_student(self) -> float | None:
         if not self.eval_windows:
             return None
@@ -159,6 +181,7 @@ class Pipeline:
         return bits_per_byte(nll, n_bytes)
 
     @torch.no_grad()
+    @unsplit  # each rank its own held-out windows, whole (no sequence parallelism)
     def evaluate_teacher(self) -> dict | None:
         """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
         if not self.eval_windows or self.teacher is None:
@@ -186,23 +209,21 @@ class Pipeline:
         if self.state.evals_before is None:  # a resumed run brings them from its checkpoint
             self.state.evals_before = self._evaluate_before_training()
         start, window = self.state.step, self.state.window
-        global_batch = t.micro_batch_size * t.grad_accum * self.world
+        dp_rank, dp_size = self.layout.dp_rank, self.layout.dp_size  # the ranks of a sequence-parallel group share windows
+        global_batch = t.micro_batch_size * t.grad_accum * dp_size
         progress = _progress(t.max_steps, self.rank == 0, start)
         window.begin()
         if self._agree_stop():  # asked to stop before any step: nothing new to save
             return self._stopped(start, progress)
         for step in range(start + 1, t.max_steps + 1):
-            first = self.stream.position + self.rank * global_batch // self.world  # this rank's first window
-            mine = rank_share(self.stream.take(global_batch), self.rank, self.world)
+            first = self.stream.position + dp_rank * global_batch // dp_size  # this rank's first window
+            mine = rank_share(self.stream.take(global_batch), dp_rank, dp_size)
             for m in range(t.grad_accum):
                 windows = mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]
                 batch = self._batch(windows)
                 cached = self.teacher_cache.targets(batch, windows, first + m * t.micro_batch_size) \
                     if self.teacher_cache is not None else None
-                loss, logs = distill_step(self._teacher_forward if self.teacher is not None else None, self.student, batch,
-                                          self.recipe.distill, teacher_vocab=self.sides.teacher_vocab,
-                                          teacher_eos_id=self.sides.teacher_eos, teacher_model=self.teacher,
-                                          agree_forwards=self._agree_forwards, teacher_targets=cached)
+                loss, logs = self._step(batch, cached)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()
@@ -302,7 +323,13 @@ def open_teacher_cache(recipe: Recipe, world: int, log):
     """distill.teacher_cache checked against the recipe (before any model loads), or None without one."""
     if not recipe.distill.teacher_cache:
         return None
+    from bld_scale.cache.errors import TeacherCacheError
     from bld_scale.cache.reader import TeacherCache
+
+    if recipe.parallel.sequence_parallel > 1:
+        raise TeacherCacheError("distill.teacher_cache serves whole windows and parallel.sequence_parallel="
+                                f"{recipe.parallel.sequence_parallel} splits them across ranks: train from the cache "
+                                "with parallel.sequence_parallel=1 (a cache replaces the teacher logits SP exists to split)")
 
     t = recipe.train
     cache = TeacherCache.open(recipe.distill.teacher_cache, recipe, t.max_steps * t.micro_batch_size * t.grad_accum * world)

@@ -245,6 +245,23 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight, one_rank):
     assert meta["world_size"] == 1
 
 
+def test_a_checkpoint_resumes_under_sequence_parallelism(straight, tmp_path):
+    """The 2-rank run's step-6 checkpoint resumed with parallel.sequence_parallel=2 (both ranks share
+    each window; grad_accum 2 keeps the same 4 windows per step in the same micro-batches): steps
+    7-8 as the straight run's (mode cover), and checkpoints and the final folder written under SP."""
+    ref, _, _ = straight
+    out = tmp_path / "sp"
+    shutil.copytree(ref, out, dirs_exist_ok=True)
+    (out / "checkpoints" / "latest").write_text("step-6\n")
+    log = _ok(_run(torchrun(2, f"output_dir={out}", *COMMON, "train.grad_accum=2", "parallel.sequence_parallel=2")))
+    assert "same world size" in log and "sequence parallel: 2 ranks share each window" in log
+    _same(records(out), records(ref), rel=1e-5)
+    assert _steps(out) == ["step-6", "step-8"] and _latest(out) == "step-8"
+    meta = json.loads((out / "checkpoints" / "step-8" / "meta.json").read_text())
+    assert meta["run"]["recipe"]["parallel"]["sequence_parallel"] == 2
+    assert (out / "final" / "byte_head.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------- an older checkpoint format
 def test_a_checkpoint_in_the_previous_format_resumes_exactly(straight, old_format):
     """Format 1 (meta.json flat) resumed at step 6 on 2 ranks == straight to 8, rel 1e-6."""

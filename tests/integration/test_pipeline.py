@@ -77,15 +77,21 @@ def test_the_final_tokenizer_encodes_as_training_did(deepspeed_two_ranks):
     assert final(text).input_ids == [src.bos_token_id] + src(text, add_special_tokens=False).input_ids
 
 
-def test_two_ranks_match_one_rank(deepspeed_two_ranks, tmp_path):
-    out2, _ = deepspeed_two_ranks
-    out1 = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The same 4 steps on 1 rank: each step's 4 windows in two micro-batches of 2."""
+    out1 = tmp_path_factory.mktemp("one")
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                  "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(DISTILL),
                  "train.max_steps=4", f"output_dir={out1}", "train.micro_batch_size=2",
                  "train.grad_accum=2", *FAST])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = records(out1, "train"), records(out2, "train")
+    return out1
+
+
+def test_two_ranks_match_one_rank(deepspeed_two_ranks, one_rank_run):
+    out2, _ = deepspeed_two_ranks
+    one, two = records(one_rank_run, "train"), records(out2, "train")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr"):
@@ -113,6 +119,32 @@ def test_packed_windows_match_padded_ones(deepspeed_two_ranks, tmp_path):
                       ("teacher_eval", "teacher_token_bpb")):
         got, want = [r[key] for r in records(out1, kind)], [r[key] for r in records(out2, kind)]
         assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-4), (kind, key)
+
+
+def test_sequence_parallel_two_ranks_match_one_rank(one_rank_run, tmp_path):
+    """parallel.sequence_parallel=2: both ranks share every window (DeepSpeed Ulysses splits the
+    teacher's and the student's positions in halves; 512-byte windows, so canonical tokens and
+    student tokens straddle the split), each converts its own teacher rows, the byte rows move to
+    the student slots by offset, the loss is reduced over the pair. Mode exact, as the 1-rank run:
+    the extra contexts' tree forwards run on the rank holding their token, counts agreed. Same
+    windows and micro-batches as the 1-rank run (grad_accum 2): only float summation orders
+    differ (measured ~1e-7 relative)."""
+    out = tmp_path / "sp2"
+    proc = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(DISTILL),
+                 "train.max_steps=4", f"output_dir={out}", "train.micro_batch_size=2", "train.grad_accum=2",
+                 "parallel.sequence_parallel=2", *FAST])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sequence parallel: 2 ranks share each window" in proc.stdout
+    one, sp = records(one_rank_run, "train"), records(out, "train")
+    assert len(one) == len(sp) == 4
+    for a, b in zip(one, sp):
+        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
+        assert a["data_position"] == b["data_position"]
+        assert a["loss_kl"] > 0
+    for kind, key in (("eval", "student_bpb"), ("teacher_eval", "teacher_byte_bpb")):
+        got, want = [r[key] for r in records(out, kind)], [r[key] for r in records(one_rank_run, kind)]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=1e-5), (kind, key)
 
 
 @pytest.mark.parametrize("override, message", [

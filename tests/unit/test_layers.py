@@ -45,8 +45,12 @@ CONVERT_LAYERS = {
     "bld_scale.convert.exact_contexts": 2,
     "bld_scale.convert.one_pass": 3,
     "bld_scale.convert.exact": 3,
-    "bld_scale.convert.dispatch": 4,
-    "bld_scale.convert": 5,
+    "bld_scale.convert.shard_plan": 1,
+    "bld_scale.convert.shard_rows": 3,
+    "bld_scale.convert.shard_exact": 4,
+    "bld_scale.convert.sequence_parallel": 5,
+    "bld_scale.convert.dispatch": 6,
+    "bld_scale.convert": 7,
 }
 
 

@@ -3,8 +3,7 @@
 `launch/distill.py` is a thin entry point over `run(recipe)`. The ML step itself lives in
 `bld_scale.train.step` and never sees DeepSpeed.
 
-Under ZeRO-3 every rank must call each engine's forward the same number of times (each forward
-all-gathers parameter shards), so evaluation splits its windows evenly over ranks.
+Held-out evaluation (student and teacher bits per byte) is `train.heldout.HeldOutEvaluation`.
 
 State and checkpoints (docs/checkpointing.md): the loop's state apart from the models is a
 `TrainState` (`state_dict()` / `load_state_dict()`); `bld_scale.checkpoint` decides whether the
@@ -28,8 +27,7 @@ from bld_scale.data.batch import PairTokenizer, collate
 from bld_scale.data.normalize import check_normal_forms
 from bld_scale.data.packing import pack
 from bld_scale.data.sources import WindowStream, heldout_windows, open_corpus, rank_share
-from bld_scale.evaluate import TeacherNllSums, bits_per_byte, student_nll_sums, teacher_nll_sums
-from bld_scale.parallel.sequence import plain_attention, unsplit
+from bld_scale.parallel.sequence import plain_attention
 from bld_scale.train.sequence_step import sequence_parallel_step
 from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, student_holding, write_student_files
@@ -38,13 +36,13 @@ from bld_scale.train.setup import (load_teacher_config, seed_everything, setup_s
                                    setup_tokenizers, student_config_dict)
 from bld_scale.train.state import TrainState
 from bld_scale.train.summary import summary_table
-from bld_scale.train.teacher_tokenizer import check_beats_uniform, eval_token_counts
+from bld_scale.train.heldout import HeldOutEvaluation
 from bld_scale.train.tracking import MetricsWriter
 
 EVAL_WINDOWS = 32  # held-out windows per evaluation (rounded down to a multiple of the world size)
 
 
-class Pipeline:
+class Pipeline(HeldOutEvaluation):
     """Everything one run holds; `train()` runs it."""
 
     def __init__(self, recipe: Recipe, fresh: bool = False):
@@ -160,44 +158,6 @@ class Pipeline:
                                       self.layout.sequence_group(), self.layout.group_sum,
                                       plain_attention=plain_attention, **kw)
 
-    def _eval_batches(self):
-        mb = self.recipe.train.micro_batch_size
-        for i in range(0, len(self.eval_windows), mb):
-            yield self._batch(self.eval_windows[i:i + mb])
-
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    @unsplit  # each rank its own held-out windows, whole (no sequence parallelism)
-    def evaluate_student(self) -> float | None:
-        if not self.eval_windows:
-            return None
-        self.student.eval()
-        nll = n_bytes = 0.0
-        for batch in self._eval_batches():
-            a, b = student_nll_sums(self.student, batch)
-            nll, n_bytes = nll + a, n_bytes + b
-        self.student.train()
-        nll, n_bytes = self._all_sum([nll, n_bytes])
-        return bits_per_byte(nll, n_bytes)
-
-    @torch.no_grad()
-    @unsplit  # each rank its own held-out windows, whole (no sequence parallelism)
-    def evaluate_teacher(self) -> dict | None:
-        """Teacher token-level and byte-level BPB on the held-out windows, and their gap."""
-        if not self.eval_windows or self.teacher is None:
-            return None
-        d = self.recipe.distill
-        sums = TeacherNllSums()
-        for batch in self._eval_batches():
-            # exact: tree forwards, as many on every rank (ZeRO-3 ranks must stay in step)
-            teacher_nll_sums(self._teacher_forward, batch, self.sides.teacher_vocab, conversion=d.conversion,
-                             teacher_model=self.teacher, eos_id=self.sides.teacher_eos,
-                             exact_chunk_tokens=d.exact_chunk_tokens, agree_forwards=self._agree_forwards,
-                             into=sums, backend=d.conversion_backend)
-        bpb = TeacherNllSums(*self._all_sum(sums.as_list())).bpb()
-        return {"teacher_token_bpb": bpb.token_bpb, "teacher_byte_bpb": bpb.byte_bpb,
-                "conversion_gap": bpb.gap, "conversion": d.conversion}
-
     # ------------------------------------------------------------------ training
     def _agree_stop(self) -> bool:
         """True on every rank when any rank was asked to stop (signal or stop file)."""
@@ -247,28 +207,6 @@ class Pipeline:
         if self.ckpt.due(t.max_steps, end=True):
             self.save(t.max_steps)
         return self._finish()
-
-    def _evaluate_before_training(self) -> dict:
-        teacher_eval = self.evaluate_teacher()
-        if teacher_eval:
-            self.metrics.log(0, "teacher_eval", teacher_eval)
-            self.log(f"teacher held-out BPB {teacher_eval['teacher_token_bpb']:.4f} (token level), "
-                     f"{teacher_eval['teacher_byte_bpb']:.4f} (byte level, {teacher_eval['conversion']}); "
-                     f"conversion gap {teacher_eval['conversion_gap']:+.4f}")
-            # (d) of train.teacher_tokenizer: worse than a uniform guess -> the ids are not the model's
-            check_beats_uniform(teacher_eval["teacher_token_bpb"],
-                                *self._all_sum(eval_token_counts(self.eval_windows, self.sides.teacher_vocab)),
-                                self.sides.teacher_vocab.vocab_size, self.recipe.teacher)
-        bpb_before = self.evaluate_student()
-        if bpb_before is not None:
-            self.metrics.log(0, "eval", {"student_bpb": bpb_before})
-        return {"teacher": teacher_eval, "student_bpb": bpb_before}
-
-    def _evaluate_during_training(self, step: int) -> None:
-        bpb = self.evaluate_student()
-        self.metrics.log(step, "eval", {"student_bpb": bpb})
-        if bpb is not None:
-            self.log(f"step {step}: held-out student BPB {bpb:.4f}")
 
     def _stopped(self, step: int, progress) -> dict:
         progress.close()

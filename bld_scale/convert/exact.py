@@ -64,7 +64,7 @@ import torch
 
 from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, check_logprobs, normalise_rows, pad_byte_rows, start_rows
 from bld_scale.convert.exact_contexts import ExactContexts, exact_contexts, tree_forwards
-from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
+from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, scatter_edges, split_edges
 from bld_scale.convert.tree_forward import iter_tree_logprobs
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -172,14 +172,7 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
             logaddexp_scatter(extra.view(-1), torch.as_tensor(c_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
                               c_w + c_rows[:, int(eos_id)].double())
         edges = _context_edges(c_rows, c_start, c_w, data, vocab, memory)
-        if edges["value"].numel():
-            before = extra.clone()
-            logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
-            # Row totals seen so far are at most the final ones, so this flags every edge the
-            # final totals would flag (and perhaps a few more, summed directly all the same).
-            if refine_small_masses(torch.logaddexp(out, extra), edges, c_w, c_rows, perm):
-                extra = before
-                logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
+        extra = scatter_edges(extra, edges, c_w, c_rows, perm, totals_with=out)
     total = torch.logaddexp(out, extra)
     if canon_edges["value"].numel() and refine_small_masses(total, canon_edges, log_prefix, logprobs, perm):
         out = eot_only

@@ -39,7 +39,7 @@ import torch
 from bld_scale.convert.backends import running_sums_class
 from bld_scale.convert.byte_rows import (EOT, NUM_BYTE_OUTCOMES, check_logprobs, gather_logprobs, normalise_rows,
                                         token_layout)
-from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
+from bld_scale.convert.running_sums import scatter_edges, split_edges
 from bld_scale.tokenize.token_bytes import TokenBytes
 
 
@@ -130,12 +130,7 @@ def one_pass_texts(rows: torch.Tensor, texts: Sequence[tuple[int, Sequence[int]]
     memory = rows.numel() * rows.element_size()
     edges = split_edges(rows, split_k, split_n, split_node, log_prefix, vocab.index, memory,
                         running_sums=running_sums, log_normaliser=log_normaliser)
-    if edges["value"].numel():
-        perm = vocab.index.torch_tables(device)["perm"]
-        eot_only = out.clone()
-        logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
-        if refine_small_masses(out, edges, log_prefix, rows, perm, log_normaliser):
-            out = eot_only
-            logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
+    out = scatter_edges(out, edges, log_prefix, rows, vocab.index.torch_tables(device)["perm"],
+                        log_normaliser=log_normaliser)
     out = normalise_rows(out)
     return [out[int(a):int(b)] for a, b in zip(out_offsets[:-1], out_offsets[1:])]

@@ -66,6 +66,28 @@ def refine_small_masses(out, edges, log_prefix, logprobs, perm, log_normaliser=N
     return True
 
 
+def scatter_edges(acc: torch.Tensor, edges: dict, log_weight: torch.Tensor, rows: torch.Tensor, perm: torch.Tensor,
+                  *, totals_with: torch.Tensor | None = None,
+                  log_normaliser: torch.Tensor | None = None) -> torch.Tensor:
+    """`acc` with `edges` log-added, their too-small masses re-summed directly; returns the result.
+
+    Whether a mass is too small is judged on the row totals after a first log-add (of `acc`, or of
+    `logaddexp(totals_with, acc)` when other rows add to the same outputs); the flagged edges get
+    their direct sums (`refine_small_masses`) and the log-add is redone from `acc` as it was.
+    Totals seen so far are at most the final ones, so this flags every edge the final totals
+    would flag (and perhaps a few more, summed directly all the same).
+    """
+    if not edges["value"].numel():
+        return acc
+    before = acc.clone()
+    logaddexp_scatter(acc.view(-1), edges["target"], edges["value"])
+    seen = acc if totals_with is None else torch.logaddexp(totals_with, acc)
+    if refine_small_masses(seen, edges, log_weight, rows, perm, log_normaliser):
+        acc = before
+        logaddexp_scatter(acc.view(-1), edges["target"], edges["value"])
+    return acc
+
+
 def split_edges(rows: torch.Tensor, split_row: np.ndarray, split_end: np.ndarray, split_node: np.ndarray,
                 log_weight: torch.Tensor, index, memory_bytes: int, running_sums=None,
                 log_normaliser: torch.Tensor | None = None) -> dict:

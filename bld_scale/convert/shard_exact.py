@@ -12,7 +12,7 @@ relative to its own first token; the receiver adds that rank's exclusive prefix)
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch
 from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, token_layout
 from bld_scale.convert.exact import _contexts_by_node, _node_weights
 from bld_scale.convert.exact_contexts import ExactContexts
-from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
+from bld_scale.convert.running_sums import logaddexp_scatter, scatter_edges, split_edges
 from bld_scale.convert.shard_rows import canonical_logprobs, partial_one_pass_rows
 from bld_scale.convert.tree_forward import iter_tree_logprobs, plan_tree
 from bld_scale.tokenize.token_bytes import TokenBytes
@@ -134,11 +134,6 @@ def partial_exact_rows(local_logprobs: torch.Tensor, ids: Sequence[int], vocab: 
         c, end, node = index.walk(data, c_start)
         keep = end < len(data)
         edges = split_edges(c_rows, c[keep], end[keep] - lo, node[keep], c_w, index, memory)
-        if edges["value"].numel():
-            before = extra.clone()
-            logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
-            if refine_small_masses(torch.logaddexp(acc, extra), edges, c_w, c_rows, perm):
-                extra = before
-                logaddexp_scatter(extra.view(-1), edges["target"], edges["value"])
+        extra = scatter_edges(extra, edges, c_w, c_rows, perm, totals_with=acc)
     return torch.logaddexp(acc, extra), forwards
 

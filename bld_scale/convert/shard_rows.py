@@ -15,7 +15,7 @@ import torch
 
 from bld_scale.convert.backends import running_sums_class
 from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, token_layout
-from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
+from bld_scale.convert.running_sums import scatter_edges, split_edges
 from bld_scale.convert.shard_plan import token_ends
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -62,11 +62,5 @@ def partial_one_pass_rows(local_logprobs: torch.Tensor, ids: Sequence[int], voca
     memory = local_logprobs.numel() * local_logprobs.element_size()
     edges = split_edges(rows, k, end - lo, node, log_prefix, index, memory,
                         running_sums=running_sums_class(backend, device))
-    if edges["value"].numel():
-        eot_only = acc.clone()
-        logaddexp_scatter(acc.view(-1), edges["target"], edges["value"])
-        # local row totals are at most the group's, so this flags every edge the unsplit run would
-        if refine_small_masses(acc, edges, log_prefix, rows, index.torch_tables(device)["perm"]):
-            acc = eot_only
-            logaddexp_scatter(acc.view(-1), edges["target"], edges["value"])
-    return acc
+    # local row totals are at most the group's, so this flags every edge the unsplit run would
+    return scatter_edges(acc, edges, log_prefix, rows, index.torch_tables(device)["perm"])

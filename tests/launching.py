@@ -31,3 +31,20 @@ def torchrun(n: int, *args) -> list[str]:
 def records(out: Path, kind: str = "train") -> list[dict]:
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+LOSS_KEYS = ("loss", "loss_ce", "loss_byte_ce", "loss_kl")
+
+
+def assert_same_steps(run_a: Path, run_b: Path, steps: int, keys=LOSS_KEYS, **approx) -> list[tuple[dict, dict]]:
+    """Two runs' train records: `steps` each, the same data positions, `keys` equal within
+    `pytest.approx(**approx)`. Returns the record pairs for further checks."""
+    import pytest
+
+    a, b = records(run_a, "train"), records(run_b, "train")
+    assert len(a) == len(b) == steps, (len(a), len(b))
+    for x, y in zip(a, b):
+        assert x["data_position"] == y["data_position"]
+        for key in keys:
+            assert y[key] == pytest.approx(x[key], **approx), (key, x, y)
+    return list(zip(a, b))

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from launching import DISTILL, REPO, rank_env, records
+from launching import DISTILL, REPO, assert_same_steps, rank_env, records
 
 TOOL = REPO / "tools" / "cache_teacher.py"
 RUN = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=2", "train.log_interval=1",
@@ -44,12 +44,7 @@ def test_a_run_from_a_lossless_cache_has_the_online_losses(lossless_cache, tmp_p
     proc = _run([sys.executable, str(DISTILL), *RUN, f"output_dir={cached}", f"distill.teacher_cache={lossless_cache}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the teacher is not loaded" in proc.stdout and not records(cached, "teacher_eval")
-    a, b = records(online), records(cached)
-    assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        assert x["data_position"] == y["data_position"]
-        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl"):
-            assert y[key] == pytest.approx(x[key], abs=1e-5), (key, x, y)
+    assert_same_steps(online, cached, 2, abs=1e-5)
 
 
 def test_a_run_past_the_cached_windows_is_refused_in_one_line(lossless_cache, tmp_path):

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from launching import DISTILL, REPO, free_port, rank_env, records
+from launching import DISTILL, LOSS_KEYS, REPO, assert_same_steps, free_port, rank_env, records
 pytestmark = pytest.mark.slow
 STUDENT_TOKENIZER = REPO / "bld_scale" / "assets" / "demo" / "student_tokenizer"
 
@@ -91,12 +89,7 @@ def one_rank_run(tmp_path_factory):
 
 def test_two_ranks_match_one_rank(deepspeed_two_ranks, one_rank_run):
     out2, _ = deepspeed_two_ranks
-    one, two = records(one_rank_run, "train"), records(out2, "train")
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
-        assert a["data_position"] == b["data_position"]
+    assert_same_steps(one_rank_run, out2, 4, (*LOSS_KEYS, "lr"), rel=1e-4)
 
 
 def test_packed_windows_match_padded_ones(deepspeed_two_ranks, tmp_path):
@@ -109,12 +102,7 @@ def test_packed_windows_match_padded_ones(deepspeed_two_ranks, tmp_path):
                  "train.max_steps=4", f"output_dir={out1}", "train.micro_batch_size=2",
                  "train.grad_accum=2", "data.pack=true", *FAST])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    packed, padded = records(out1, "train"), records(out2, "train")
-    assert len(packed) == len(padded) == 4
-    for a, b in zip(packed, padded):
-        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
-        assert a["data_position"] == b["data_position"]
+    assert_same_steps(out2, out1, 4, rel=1e-4)
     for kind, key in (("eval", "student_bpb"), ("teacher_eval", "teacher_byte_bpb"),
                       ("teacher_eval", "teacher_token_bpb")):
         got, want = [r[key] for r in records(out1, kind)], [r[key] for r in records(out2, kind)]
@@ -135,12 +123,7 @@ def test_sequence_parallel_two_ranks_match_one_rank(one_rank_run, tmp_path):
                  "parallel.sequence_parallel=2", *FAST])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sequence parallel: 2 ranks share each window" in proc.stdout
-    one, sp = records(one_rank_run, "train"), records(out, "train")
-    assert len(one) == len(sp) == 4
-    for a, b in zip(one, sp):
-        for key in ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
-        assert a["data_position"] == b["data_position"]
+    for a, _ in assert_same_steps(one_rank_run, out, 4, (*LOSS_KEYS, "lr"), rel=1e-5):
         assert a["loss_kl"] > 0
     for kind, key in (("eval", "student_bpb"), ("teacher_eval", "teacher_byte_bpb")):
         got, want = [r[key] for r in records(out, kind)], [r[key] for r in records(one_rank_run, kind)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+import torch
+
 from bld_scale.checkpoint.rng import rng_state, set_rng_state
 
 AllSum = Callable[[list[float]], list[float]]  # sums a vector over the ranks
@@ -41,15 +43,17 @@ class LogWindow:
         self._carried = float(seconds)
 
     def add(self, logs: dict) -> None:
-        """One micro-batch's logs ("tokens" and "bytes" are counts, the rest averaged)."""
+        """One micro-batch's logs ("tokens" and "bytes" are counts, the rest averaged). Tensors are
+        summed where they are (float64), so no step waits for the device; `global_sums` reads them."""
         for key, value in logs.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.sums["_micro"] = self.sums.get("_micro", 0.0) + 1.0
 
     def global_sums(self, all_sum: AllSum) -> dict[str, float]:
         """The sums over all ranks (collective: every rank calls it, with the same keys)."""
         keys = sorted(self.sums)
-        return dict(zip(keys, all_sum([self.sums[k] for k in keys]))) if keys else {}
+        return dict(zip(keys, all_sum([float(self.sums[k]) for k in keys]))) if keys else {}
 
     def close(self, all_sum: AllSum) -> dict:
         """The window's record (averages per micro-batch over all ranks, tokens/s and bytes/s);

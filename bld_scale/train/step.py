@@ -111,8 +111,9 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
         raise ValueError(f"unknown distill.method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     method = cfg.method
     token_logits, byte_logits = student(**batch.student_inputs(), prev_bytes=batch.byte_targets)
-    counts = {"tokens": float((batch.student_labels != -100).sum()),
-              "bytes": float(batch.n_text_bytes.sum())}
+    # tensors, not floats: reading them here would stop the host for the device every micro-batch;
+    # the pipeline's LogWindow sums them where they are and reads them once per logged step
+    counts = {"tokens": (batch.student_labels != -100).sum(), "bytes": batch.n_text_bytes.sum()}
     if method == "ce":
         loss = token_ce(token_logits, batch.student_labels)
         return loss, {"loss": loss.detach(), "loss_ce": loss.detach(), **counts}

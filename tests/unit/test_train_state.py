@@ -81,6 +81,32 @@ def test_the_log_window_averages_per_micro_batch_and_counts_throughput():
     assert window.sums == {}  # the next window starts empty
 
 
+class _NoHostRead(torch.Tensor):
+    """A device value that fails if anything reads it on the host (what a sync would be on a GPU)."""
+
+    def __float__(self):
+        raise AssertionError("a log value was read on the host during the step")
+
+    def item(self):
+        raise AssertionError("a log value was read on the host during the step")
+
+
+def test_the_log_window_reads_tensors_only_when_a_record_is_made():
+    """Micro-batch logs stay tensors, summed in float64 where they are; `close` reads them once.
+    The sums equal those of the same values read one by one as Python floats."""
+    values = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 1.3, 2.7)]
+    window = LogWindow()
+    window.begin()
+    for v in values:
+        window.add({"loss": v.as_subclass(_NoHostRead), "tokens": torch.tensor(7)})
+    assert isinstance(window.sums["loss"], torch.Tensor)
+    window.sums = {k: (v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v)
+                   for k, v in window.sums.items()}
+    record = window.close(one_rank_sum)
+    assert record["loss"] == sum(float(v) for v in values) / 3  # float64 sums in the same order: equal
+    assert record["tokens_per_s"] > 0
+
+
 def test_state_round_trip_continues_exactly():
     original = _midway()
     saved = _as_saved(original.state_dict())

@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     for k, dtype, tau in CODECS:
         prior = tail_prior(tail_sums(q_train, encode_rows(q_train, k, dtype, tau)))
         stored = encode_rows(q, k, dtype, tau)
-        mean_k = float(stored["counts"].double().mean()) if "counts" in stored else float(min(k, 256))
+        mean_k = float(stored["counts"].double().mean()) if "counts" in stored else float(k)
         mark = "  <- default" if (k, dtype, tau) == DEFAULT else ""
         print(f"{(f'{tau:g}' if tau else '-'):>9} {(f'<={k}' if tau else str(k)):>4} {dtype:>8} {mean_k:>7.1f} "
               f"{shard_bytes(rows, texts, stored) / n_bytes:>16.2f} {kl_bits_per_byte(q, stored, prior):>28.5f} "

@@ -65,6 +65,13 @@ def cache_header(recipe, *, top_k: int, dtype: str, windows: int, windows_per_sh
             "top_k": top_k, "dtype": dtype, **adaptive, "windows": windows, "windows_per_shard": windows_per_shard}
 
 
+def codec_label(header: dict) -> str:
+    """How a cache's rows are stored, in words: "k=32, float16" or "tail mass <= 0.005, k <= 255, uint8"."""
+    tau = header.get("max_tail_mass")
+    kept = f"k={header['top_k']}" if not tau else f"tail mass <= {tau:g}, k <= {header['top_k']}"
+    return f"{kept}, {header['dtype']}"
+
+
 def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import (MANIFEST, cache_header, read_manifest, shard_name, shard_problem, sidecar_name,
-                                    window_digest)
+from bld_scale.cache.layout import (MANIFEST, cache_header, codec_label, read_manifest, shard_name, shard_problem,
+                                    sidecar_name, window_digest)
 from bld_scale.cache.rows import check_codec, encode_rows, tail_sums
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
@@ -159,7 +159,6 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
         tail = [sum(col) for col in zip(*(entry["tail_mass"] for entry in shards.values()))]
         manifest = {**wanted, "complete": True, "tail_mass": tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
-        codec = f"k={top_k}" if not tail_mass else f"tail mass <= {tail_mass:g}, k <= {top_k}"
-        log(f"teacher cache {folder}: {total} windows in {n_shards} shards ({codec}, {dtype})")
+        log(f"teacher cache {folder}: {total} windows in {n_shards} shards ({codec_label(wanted)})")
     barrier()
     return manifest

@@ -22,7 +22,8 @@ def mixed_rows(n=400, seed=0):
     """Diffuse rows, peaked rows (one value of ~0.999), rows with few outcomes of non-zero mass,
     zero-mass (-inf) byte values and EOT mass, an undefined row (all -inf)."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, 257, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64) * 6
+    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 6
+    logits = torch.randn(n, 257, generator=g, dtype=torch.float64) * scale
     logits[::5, 7] += 12.0  # peaked
     logits[1::7, 100:160] = -math.inf
     logits[2::11, 3:257] = -math.inf  # three byte values, no EOT
@@ -147,6 +148,13 @@ def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resu
     folder = tmp_path / "c"
     manifest = build(folder, top_k=8, dtype="float16")
     assert "max_tail_mass" not in manifest  # the header caches had before
+    from safetensors.torch import load_file
+
+    from bld_scale.cache.layout import shard_name
+
+    shard = load_file(str(folder / shard_name(0)))  # the layout they had: one [R, k] row per text byte
+    assert set(shard) == {"row_offsets", "window_sha256", "symbols", "logprobs", "rest"}
+    assert shard["symbols"].shape == shard["logprobs"].shape == (int(shard["row_offsets"][-1]), 8)
     r = recipe()
     texts = stream_windows(r, WINDOWS)
     cache = TeacherCache.open(folder, r, WINDOWS)

@@ -58,8 +58,8 @@ def encode_ragged(q: torch.Tensor, tau: float, cap: int, dtype: str) -> dict[str
     check_adaptive(tau, cap)
     q = q.to(torch.float64)
     counts, values, symbols = row_counts(q, tau, cap)
-    take = torch.arange(cap) < counts.unsqueeze(1)
-    kept = torch.zeros(q.shape, dtype=torch.bool).scatter_(1, symbols, take)
+    take = torch.arange(cap, device=q.device) < counts.unsqueeze(1)
+    kept = torch.zeros(q.shape, dtype=torch.bool, device=q.device).scatter_(1, symbols, take)
     rest = torch.logsumexp(q.masked_fill(kept, -math.inf), dim=1)  # exact even when tiny
     return {"counts": counts.to(torch.uint8).contiguous(), "symbols": symbols[take].to(torch.uint8).contiguous(),
             "logprobs": store_logprobs(values[take], dtype), "rest": store_logprobs(rest, dtype)}
@@ -80,10 +80,11 @@ def ragged_slice(stored: dict[str, torch.Tensor], offsets: torch.Tensor, a: int,
 def ragged_kept(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept bool [R, 257], values float64 [R, 257]): the stored outcomes and their log-probabilities."""
     counts = stored["counts"].to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    device = counts.device
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
     symbols = stored["symbols"].to(torch.int64)
-    kept = torch.zeros(len(counts), OUTCOMES, dtype=torch.bool)
+    kept = torch.zeros(len(counts), OUTCOMES, dtype=torch.bool, device=device)
     kept[rows, symbols] = True
-    values = torch.full((len(counts), OUTCOMES), -math.inf, dtype=torch.float64)
+    values = torch.full((len(counts), OUTCOMES), -math.inf, dtype=torch.float64, device=device)
     values[rows, symbols] = load_logprobs(stored["logprobs"])
     return kept, values

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import read_manifest, shard_name, shard_problem, source_problems, window_digest
+from bld_scale.cache.layout import (codec_label, read_manifest, shard_name, shard_problem, source_problems,
+                                    window_digest)
 from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import OUTCOMES, decode_rows, tail_prior
 from bld_scale.convert.byte_rows import pad_byte_rows
@@ -38,6 +39,11 @@ class TeacherCache:
         self.per_shard = int(manifest["windows_per_shard"])
         self._shard: tuple[int, dict] | None = None  # the one shard held in memory
         self.prior = tail_prior(manifest.get("tail_mass"))  # where truncated rows' remaining mass goes
+
+    @property
+    def codec(self) -> str:
+        """How its rows are stored, in words (`layout.codec_label`)."""
+        return codec_label(self.manifest)
 
     @classmethod
     def open(cls, folder, recipe, windows_needed: int) -> "TeacherCache":

@@ -6,7 +6,7 @@ proportion to the tail profile (`tail_prior`): the mass truncation removed from 
 summed over every row of the cache (`tail_sums`, recorded per shard, added up in the manifest).
 Without a profile the spread is uniform. The profile puts the tail where the teacher's tails
 actually are (spaces, letters, punctuation rather than control bytes): on the demo teacher it
-loses 3-5x less KL than a uniform spread (`tools/bench_teacher_cache.py` measures both); every
+loses 2.5-7x less KL than a uniform spread (`tools/bench_teacher_cache.py` measures both); every
 outcome keeps a floor (`PRIOR_FLOOR`), so a row stays a proper distribution and the KL term finite.
 """
 from __future__ import annotations

@@ -302,13 +302,12 @@ def open_teacher_cache(recipe: Recipe, world: int, log):
     """distill.teacher_cache checked against the recipe (before any model loads), or None without one."""
     if not recipe.distill.teacher_cache:
         return None
-    from bld_scale.cache.layout import codec_label
     from bld_scale.cache.reader import TeacherCache
 
     t = recipe.train
     cache = TeacherCache.open(recipe.distill.teacher_cache, recipe, t.max_steps * t.micro_batch_size * t.grad_accum * world)
     log(f"teacher targets from the cache {recipe.distill.teacher_cache} ({cache.windows} windows, "
-        f"{codec_label(cache.manifest)}): the teacher is not loaded")
+        f"{cache.codec}): the teacher is not loaded")
     return cache
 
 

@@ -18,7 +18,7 @@ from bld_scale.cache.rows import bytes_per_row, decode_rows, encode_rows, tail_p
 from test_teacher_cache import WINDOWS, build, recipe, stream_windows, synthetic_rows
 
 
-def mixed_rows(n=400, seed=0):
+def mixed_rows(n=260, seed=0):
     """Diffuse rows, peaked rows (one value of ~0.999), rows with few outcomes of non-zero mass,
     zero-mass (-inf) byte values and EOT mass, an undefined row (all -inf)."""
     g = torch.Generator().manual_seed(seed)
@@ -131,14 +131,14 @@ def test_stored_bytes_per_row():
 
 
 def test_an_adaptive_cache_serves_each_window_as_its_rows_decode(tmp_path):
-    manifest = build(tmp_path / "c", top_k=255, dtype="uint8", tail_mass=0.01)
-    assert manifest["max_tail_mass"] == 0.01
+    manifest = build(tmp_path / "c", top_k=255, dtype="uint8", tail_mass=0.01, max_windows=WINDOWS - 3)
+    assert manifest["max_tail_mass"] == 0.01 and len(manifest["shards"]) == 2  # 3 + 1 windows
     r = recipe()
-    texts = stream_windows(r, WINDOWS)
+    texts = stream_windows(r, WINDOWS - 3)
     rows = synthetic_rows(texts)
     q = torch.cat(rows)
     want_prior = tail_prior(tail_sums(q, encode_rows(q, 255, "uint8", 0.01)))
-    cache = TeacherCache.open(tmp_path / "c", r, WINDOWS)
+    cache = TeacherCache.open(tmp_path / "c", r, WINDOWS - 3)
     assert torch.allclose(cache.prior, want_prior, rtol=1e-12)
     for i, (text, row) in enumerate(zip(texts, rows)):
         assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 255, "uint8", 0.01), want_prior))
@@ -146,7 +146,7 @@ def test_an_adaptive_cache_serves_each_window_as_its_rows_decode(tmp_path):
 
 def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resumes(tmp_path):
     folder = tmp_path / "c"
-    manifest = build(folder, top_k=8, dtype="float16")
+    manifest = build(folder, top_k=8, dtype="float16", max_windows=WINDOWS - 3)
     assert "max_tail_mass" not in manifest  # the header caches had before
     from safetensors.torch import load_file
 
@@ -156,13 +156,13 @@ def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resu
     assert set(shard) == {"row_offsets", "window_sha256", "symbols", "logprobs", "rest"}
     assert shard["symbols"].shape == shard["logprobs"].shape == (int(shard["row_offsets"][-1]), 8)
     r = recipe()
-    texts = stream_windows(r, WINDOWS)
-    cache = TeacherCache.open(folder, r, WINDOWS)
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
     for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
         assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 8, "float16"), cache.prior))
-    build(folder, top_k=8, dtype="float16")  # the same command resumes it
+    build(folder, top_k=8, dtype="float16", max_windows=WINDOWS - 3)  # the same command resumes it
     with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*another --out"):
-        build(folder, top_k=8, dtype="float16", tail_mass=0.005)
+        build(folder, top_k=8, dtype="float16", tail_mass=0.005, max_windows=WINDOWS - 3)
     assert json.loads((folder / MANIFEST).read_text())["complete"]
 
 

@@ -3,8 +3,10 @@
     python tools/bench_teacher_cache.py [--config RECIPE] [--heldout-windows 24] [--speed-steps 16]
         [--student-steps 0] [--seeds 0,1,2]
 
-1. bytes stored per text byte, for k in {2, 4, 8, 16, 32, 257} x {float16, float32}: the size of a shard
-   (safetensors, index and window digests included) of the held-out windows' rows, over their bytes;
+1. bytes stored per text byte, for the fixed top-k (k in {2, 4, 8, 16, 32, 257} x {float16, float32})
+   and the adaptive codec (tail mass tau in {0.1, 0.03, 0.01, 0.005, 0.003, 0.001} x {uint8, float16},
+   cap 255; with the mean count of byte values kept): the size of a shard (safetensors, index and
+   window digests included) of the held-out windows' rows, over their bytes;
 2. the KL lost to truncation and quantisation, KL(q || decoded q), on held-out text, in bits per
    text byte (q: the recipe's conversion of the teacher's forward), with the remaining mass spread
    by the tail profile (`bld_scale.cache.rows`; estimated on --profile-windows training windows,
@@ -31,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bld_scale.cache.reader import TeacherCache  # noqa: E402
-from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_TOP_K, decode_rows, encode_rows, tail_prior,  # noqa: E402
-                                  tail_sums)
+from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_TAIL_MASS, DEFAULT_TOP_K, decode_rows,  # noqa: E402
+                                  encode_rows, tail_prior, tail_sums)
 from bld_scale.cache.writer import build_cache, teacher_rows  # noqa: E402
 from bld_scale.config import load_recipe  # noqa: E402
 from bld_scale.data.batch import PairTokenizer, collate  # noqa: E402
@@ -43,6 +45,10 @@ from bld_scale.train.setup import seed_everything, setup_student, setup_tokenize
 from bld_scale.train.step import distill_step  # noqa: E402
 
 KS, DTYPES = (2, 4, 8, 16, 32, 257), ("float16", "float32")
+TAUS, ADAPTIVE_DTYPES, CAP = (0.1, 0.03, 0.01, 0.005, 0.003, 0.001), ("uint8", "float16"), 255
+# (k, dtype, tail mass) of every row of the table: the fixed top-k ones, then the adaptive ones
+CODECS = [(k, dt, 0.0) for k in KS for dt in DTYPES] + [(CAP, dt, tau) for tau in TAUS for dt in ADAPTIVE_DTYPES]
+DEFAULT = (DEFAULT_TOP_K, DEFAULT_DTYPE, DEFAULT_TAIL_MASS)
 
 
 def parse(argv):
@@ -59,16 +65,16 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def shard_bytes(rows, texts, k, dtype) -> int:
+def shard_bytes(rows, texts, stored) -> int:
     from safetensors.torch import save
 
     sizes = torch.tensor([0] + [r.shape[0] for r in rows]).cumsum(0)
     return len(save({"row_offsets": sizes, "window_sha256": torch.zeros(len(texts), 8, dtype=torch.uint8),
-                     **encode_rows(torch.cat(rows), k, dtype)}))
+                     **stored}))
 
 
-def kl_bits_per_byte(q: torch.Tensor, k: int, dtype: str, prior=None) -> float:
-    approx = decode_rows(encode_rows(q, k, dtype), prior).double()
+def kl_bits_per_byte(q: torch.Tensor, stored: dict, prior=None) -> float:
+    approx = decode_rows(stored, prior).double()
     q = q.double()
     p = q.exp()
     terms = torch.where(p > 0, p * (q - approx), torch.zeros_like(p))
@@ -150,22 +156,25 @@ def main(argv=None) -> None:
     print(f"held-out: {len(texts)} windows, {n_bytes} text bytes; teacher {recipe.teacher.path}, "
           f"conversion {d.conversion}; EOT mass per row {float(q[:, 256].exp().mean()):.2e}; tail profile "
           f"from {args.profile_windows} training windows")
-    print(f"{'k':>4} {'dtype':>8} {'bytes/text byte':>16} {'KL lost, bits/byte: profile':>28} {'uniform':>9}")
-    for k in KS:
-        for dtype in DTYPES:
-            prior = tail_prior(tail_sums(q_train, encode_rows(q_train, k, dtype)))
-            mark = "  <- default" if (k, dtype) == (DEFAULT_TOP_K, DEFAULT_DTYPE) else ""
-            print(f"{k:>4} {dtype:>8} {shard_bytes(rows, texts, k, dtype) / n_bytes:>16.2f} "
-                  f"{kl_bits_per_byte(q, k, dtype, prior):>28.5f} {kl_bits_per_byte(q, k, dtype):>9.5f}{mark}",
-                  flush=True)
+    print(f"{'tail mass':>9} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} "
+          f"{'KL lost, bits/byte: profile':>28} {'uniform':>9}")
+    for k, dtype, tau in CODECS:
+        prior = tail_prior(tail_sums(q_train, encode_rows(q_train, k, dtype, tau)))
+        stored = encode_rows(q, k, dtype, tau)
+        mean_k = float(stored["counts"].double().mean()) if "counts" in stored else float(k)
+        mark = "  <- default" if (k, dtype, tau) == DEFAULT else ""
+        print(f"{(f'{tau:g}' if tau else '-'):>9} {(f'<={k}' if tau else str(k)):>4} {dtype:>8} {mean_k:>7.1f} "
+              f"{shard_bytes(rows, texts, stored) / n_bytes:>16.2f} {kl_bits_per_byte(q, stored, prior):>28.5f} "
+              f"{kl_bits_per_byte(q, stored):>9.5f}{mark}", flush=True)
 
     pair = PairTokenizer(sides.teacher_vocab, sides.student_vocab)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         with torch.no_grad():
-            build_cache(recipe, tmp, rows_of, top_k=DEFAULT_TOP_K, dtype=DEFAULT_DTYPE, max_windows=steps * args.batch,
-                        batch_size=8, log=lambda m: None)
-        print(f"cache of {steps * args.batch} training windows (k={DEFAULT_TOP_K}, {DEFAULT_DTYPE}) built in "
+            build_cache(recipe, tmp, rows_of, top_k=DEFAULT_TOP_K, dtype=DEFAULT_DTYPE, tail_mass=DEFAULT_TAIL_MASS,
+                        max_windows=steps * args.batch, batch_size=8, log=lambda m: None)
+        print(f"cache of {steps * args.batch} training windows (tail mass {DEFAULT_TAIL_MASS:g}, k <= {DEFAULT_TOP_K}, "
+              f"{DEFAULT_DTYPE}) built in "
               f"{time.perf_counter() - t0:.1f} s")
         cache = TeacherCache.open(tmp, recipe, steps * args.batch)
         n = args.speed_steps

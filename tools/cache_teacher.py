@@ -1,14 +1,16 @@
 """Run a recipe's teacher once over its training windows and store its next-byte targets.
 
-    python tools/cache_teacher.py --config RECIPE --out DIR [--top-k K] [--dtype float16|float32]
-        [--max-windows N] [--windows-per-shard W] [--batch-size B] [key=value ...]
+    python tools/cache_teacher.py --config RECIPE --out DIR [--tail-mass TAU] [--top-k K]
+        [--dtype uint8|float16|float32] [--max-windows N] [--windows-per-shard W] [--batch-size B] [key=value ...]
     deepspeed [--num_gpus G] tools/cache_teacher.py ...      (or torchrun: ranks split the shards)
 
 The windows are the recipe's training stream in the pipeline's order (seed, data.*), the first N
-with --max-windows (default: one epoch). Each text byte keeps the top-k next-byte log-probabilities
-with their byte values and the remaining mass (k = 257: the whole row, lossless in float32); see
-`bld_scale.cache` for the files, the manifest and how truncated rows are decoded. Train from it
-with `distill.teacher_cache=DIR`: no teacher loaded, a student of any tokenizer.
+with --max-windows (default: one epoch). Each text byte keeps its most probable next-byte values
+(byte value and log-probability) until the mass left out is at most TAU, at most K of them, and that
+remaining mass (--tail-mass 0: exactly K values per byte, a fixed top-k; --top-k 257: the whole
+row, lossless in float32); see `bld_scale.cache` for the files, the manifest and how truncated rows
+are decoded. Train from it with `distill.teacher_cache=DIR`: no teacher loaded, a student of any
+tokenizer.
 Rerunning the same command resumes: shards already written and intact are kept, the rest (never
 written, partial, damaged) are redone. Exit status: 0 done; 2 refused (one `bld_scale:` line).
 """
@@ -27,10 +29,15 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe YAML the students will train with")
     parser.add_argument("--out", required=True, help="the cache folder (created; a rerun resumes it)")
-    parser.add_argument("--top-k", type=int, default=None, help="byte values kept per text byte "
-                        "(1..256, or 257: everything); default bld_scale.cache.rows.DEFAULT_TOP_K")
-    parser.add_argument("--dtype", choices=("float16", "float32"), default=None,
-                        help="stored log-probabilities; default bld_scale.cache.rows.DEFAULT_DTYPE")
+    parser.add_argument("--tail-mass", type=float, default=None, metavar="TAU", help="the most probability "
+                        "mass a text byte's row may leave out of its stored values (0 < TAU < 1), or 0 for a "
+                        "fixed top-k; default bld_scale.cache.rows.DEFAULT_TAIL_MASS")
+    parser.add_argument("--top-k", type=int, default=None, help="the most byte values kept per text byte "
+                        "(1..255 with a tail mass; 1..256 with --tail-mass 0, exactly K; 257: everything); "
+                        "default bld_scale.cache.rows.DEFAULT_TOP_K, or DEFAULT_FIXED_TOP_K with --tail-mass 0")
+    parser.add_argument("--dtype", choices=("uint8", "float16", "float32"), default=None,
+                        help="stored log-probabilities (uint8: 1/16-nat steps); default "
+                        "bld_scale.cache.rows.DEFAULT_DTYPE, or DEFAULT_FIXED_DTYPE with --tail-mass 0 or --top-k 257")
     parser.add_argument("--max-windows", type=int, default=None, help="cache the first N windows (default: one epoch)")
     parser.add_argument("--windows-per-shard", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=None, help="windows per teacher forward "
@@ -57,7 +64,8 @@ def build(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from bld_scale.cache.rows import DEFAULT_DTYPE, DEFAULT_TOP_K
+    from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_FIXED_DTYPE, DEFAULT_FIXED_TOP_K, DEFAULT_TAIL_MASS,
+                                      DEFAULT_TOP_K, FULL)
     from bld_scale.cache.writer import build_cache, teacher_rows
     from bld_scale.config import load_recipe
     from bld_scale.parallel.engines import init_distributed
@@ -78,8 +86,12 @@ def build(args) -> None:
     rows_of = teacher_rows(forward, model, sides.teacher_vocab, bos=sides.teacher_bos, eos=sides.teacher_eos,
                            conversion=d.conversion, exact_chunk_tokens=d.exact_chunk_tokens,
                            backend=d.conversion_backend, device=device)
+    tail_mass = DEFAULT_TAIL_MASS if args.tail_mass is None else args.tail_mass
+    top_k = args.top_k or (DEFAULT_TOP_K if tail_mass else DEFAULT_FIXED_TOP_K)
+    adaptive = tail_mass and top_k != FULL
+    dtype = args.dtype or (DEFAULT_DTYPE if adaptive else DEFAULT_FIXED_DTYPE)
     with torch.no_grad():
-        build_cache(recipe, args.out, rows_of, top_k=args.top_k or DEFAULT_TOP_K, dtype=args.dtype or DEFAULT_DTYPE,
+        build_cache(recipe, args.out, rows_of, top_k=top_k, dtype=dtype, tail_mass=tail_mass,
                     max_windows=args.max_windows, windows_per_shard=args.windows_per_shard,
                     batch_size=args.batch_size or recipe.train.micro_batch_size, rank=rank, world=world,
                     barrier=dist.barrier, log=log)

@@ -1,7 +1,8 @@
 """A teacher cache's folder: its manifest, its shards, and whether a recipe may use it.
 
     manifest.json            what the cache is (`cache_header`): teacher and tokenizer fingerprints,
-                             conversion mode, data and window settings, k, dtype, window count;
+                             conversion mode, data and window settings, k, dtype, the adaptive
+                             codec's `max_tail_mass` (absent: fixed top-k), window count;
                              "complete": false while shards are being written, then true with
                              every shard's bytes, SHA-256 and window range ("shards") and the
                              mass truncation left out per outcome, summed ("tail_mass": the
@@ -50,14 +51,25 @@ def _identify(path: str) -> dict:
     return {"path": path, "fingerprint": fingerprint(path), "fingerprint_rule": FINGERPRINT_RULE}
 
 
-def cache_header(recipe, *, top_k: int, dtype: str, windows: int, windows_per_shard: int) -> dict:
-    """What a cache is made of and from: compared field by field before it is used or resumed."""
+def cache_header(recipe, *, top_k: int, dtype: str, windows: int, windows_per_shard: int,
+                 tail_mass: float = 0.0) -> dict:
+    """What a cache is made of and from: compared field by field before it is used or resumed.
+    `max_tail_mass` is written for the adaptive codec only, so a fixed top-k header is the one
+    caches made before it have (and such a cache still resumes)."""
     d, t = recipe.data, recipe.teacher
+    adaptive = {"max_tail_mass": tail_mass} if tail_mass else {}
     return {"teacher_cache": FORMAT_VERSION,
             "teacher": _identify(t.path), "teacher_tokenizer": _identify(t.tokenizer or t.path),
             "teacher_bos_token": t.bos_token, "conversion": recipe.distill.conversion,
             "data": {"train": list(d.train), "seed": recipe.seed, **{k: getattr(d, k) for k in WINDOW_KEYS}},
-            "top_k": top_k, "dtype": dtype, "windows": windows, "windows_per_shard": windows_per_shard}
+            "top_k": top_k, "dtype": dtype, **adaptive, "windows": windows, "windows_per_shard": windows_per_shard}
+
+
+def codec_label(header: dict) -> str:
+    """How a cache's rows are stored, in words: "k=32, float16" or "tail mass <= 0.005, k <= 255, uint8"."""
+    tau = header.get("max_tail_mass")
+    kept = f"k={header['top_k']}" if not tau else f"tail mass <= {tau:g}, k <= {header['top_k']}"
+    return f"{kept}, {header['dtype']}"
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -21,7 +21,9 @@ from typing import Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import read_manifest, shard_name, shard_problem, source_problems, window_digest
+from bld_scale.cache.layout import (codec_label, read_manifest, shard_name, shard_problem, source_problems,
+                                    window_digest)
+from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import OUTCOMES, decode_rows, tail_prior
 from bld_scale.convert.byte_rows import pad_byte_rows
 
@@ -37,6 +39,11 @@ class TeacherCache:
         self.per_shard = int(manifest["windows_per_shard"])
         self._shard: tuple[int, dict] | None = None  # the one shard held in memory
         self.prior = tail_prior(manifest.get("tail_mass"))  # where truncated rows' remaining mass goes
+
+    @property
+    def codec(self) -> str:
+        """How its rows are stored, in words (`layout.codec_label`)."""
+        return codec_label(self.manifest)
 
     @classmethod
     def open(cls, folder, recipe, windows_needed: int) -> "TeacherCache":
@@ -75,6 +82,8 @@ class TeacherCache:
             raise TeacherCacheError(f"distill.teacher_cache={self.folder}: {problem}; run the {BUILD} command "
                                     "that made it again: it redoes damaged shards")
         tensors = load_file(str(self.folder / name))
+        if "counts" in tensors:  # the adaptive layout: where each row's entries start
+            tensors["entry_offsets"] = entry_offsets(tensors["counts"])
         self._shard = (shard, tensors)
         return tensors
 
@@ -92,7 +101,10 @@ class TeacherCache:
                 f"(data.train {self.manifest['data']['train']}): other data; build a cache from this recipe's data "
                 f"({BUILD})")
         a, b = int(t["row_offsets"][i]), int(t["row_offsets"][i + 1])
-        stored = {name: t[name][a:b] for name in ("symbols", "logprobs", "rest") if name in t}
+        if "counts" in t:
+            stored = ragged_slice(t, t["entry_offsets"], a, b)
+        else:  # fixed top-k or whole rows: one row of the tensors per text byte
+            stored = {name: t[name][a:b] for name in ("symbols", "logprobs", "rest") if name in t}
         return decode_rows(stored, self.prior)
 
     def targets(self, batch, windows: Sequence[str], first: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,21 +1,23 @@
-"""The row codec of a teacher cache: a next-byte distribution `[257]` <-> top-k + remaining mass.
+"""The row codec of a teacher cache: a next-byte distribution `[257]` <-> what a shard stores.
 
-Encoding (`encode_rows`), for k < 257: the k most probable of the 256 byte values (their byte
-values as uint8, their log-probabilities in the cache's dtype) and the log of the mass of every
-other outcome together (`rest`). EOT (column 256) is never among the k: its mass stays in `rest`.
-By the spec q_n(EOT) is non-zero only at a teacher token boundary, as the teacher's EOS mass there,
-which in running text is tiny (the bench reports what it loses), and keeping it out lets a byte
-value fit in one byte. k = 257 stores the whole row (no byte values, no rest): lossless in float32.
+Three layouts, told apart by the tensors a shard holds (and recorded in the manifest: `top_k`,
+`dtype`, and `max_tail_mass` for the adaptive one):
 
-Decoding (`decode_rows`) makes a proper distribution over the 257 outcomes: the k stored
-log-probabilities in place and the remaining mass spread over the 257 - k outcomes not stored
-(EOT included) in proportion to the cache's tail profile (`tail_prior`): the mass the truncation
-removed from each outcome, summed over every row of the cache (`tail_sums`, recorded per shard,
-added up in the manifest). Without a profile the spread is uniform. The profile puts the tail
-where the teacher's tails actually are (spaces, letters, punctuation rather than control bytes):
-on the demo teacher it loses 3-5x less KL than a uniform spread (`tools/bench_teacher_cache.py`
-measures both); every outcome keeps a floor (`PRIOR_FLOOR`), so a row stays a proper distribution
-and the KL term stays finite.
+* adaptive (`max_tail_mass` tau > 0, the default; `cache.ragged`): per row the fewest most
+  probable byte values that leave at most tau of the mass out, at most k of them, stored ragged
+  (`counts`, flat `symbols` and `logprobs`, `rest`);
+* fixed top-k (tau = 0, k < 257; every cache made before the adaptive codec): the k most probable
+  of the 256 byte values (`symbols` uint8 [R, k], `logprobs` [R, k]) and the log of the mass of every
+  other outcome together (`rest` [R]);
+* whole rows (k = 257): `logprobs` [R, 257], lossless in float32.
+
+EOT (column 256) is never among the stored byte values: its mass stays in `rest`. By the spec
+q_n(EOT) is non-zero only at a teacher token boundary, as the teacher's EOS mass there, which in
+running text is tiny (the bench reports what it loses), and keeping it out lets a byte value fit in
+one byte. Log-probabilities are stored in float16, float32 or uint8 codes of 1/16 nat
+(`cache.quantize`). Decoding (`decode_rows`) makes a proper distribution over the 257 outcomes: the
+stored log-probabilities in place and the remaining mass spread over the outcomes not stored by the
+cache's tail profile (`cache.tail`).
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import math
 
 import torch
 
-OUTCOMES = 257  # 256 byte values + EOT
-BYTE_VALUES = 256
+from bld_scale.cache.quantize import DTYPES, check_dtype, load_logprobs, store_logprobs
+from bld_scale.cache.ragged import MAX_CAP, check_adaptive, encode_ragged, ragged_kept
+from bld_scale.cache.tail import BYTE_VALUES, OUTCOMES, PRIOR_FLOOR, spread_rest, tail_prior  # noqa: F401 (re-exported)
+from bld_scale.cache.tail import tail_sums as _tail_sums
+
 FULL = OUTCOMES  # k that keeps everything
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
-PRIOR_FLOOR = 1e-9  # the least share of a row's remaining mass any outcome gets from the tail profile
 
 
 def check_top_k(k: int) -> None:
@@ -36,23 +39,51 @@ def check_top_k(k: int) -> None:
                          f"and the remaining mass) or {FULL} (every outcome, lossless in float32)")
 
 
-def encode_rows(q: torch.Tensor, k: int, dtype: str) -> dict[str, torch.Tensor]:
+def check_codec(k: int, dtype: str, tail_mass: float = 0.0) -> float:
+    """Refuse settings no codec has; returns the tail mass the cache uses (0 for k = 257: whole rows)."""
+    check_top_k(k)
+    check_dtype(dtype)
+    if k == FULL:
+        if dtype == "uint8":
+            raise ValueError("top-k 257 stores whole rows to be lossless: use --dtype float32 (or float16), "
+                             "not uint8")
+        return 0.0
+    if tail_mass:
+        check_adaptive(tail_mass, k)
+    return float(tail_mass)
+
+
+def encode_rows(q: torch.Tensor, k: int, dtype: str, tail_mass: float = 0.0) -> dict[str, torch.Tensor]:
     """`q [R, 257]` log-probabilities (float32/64, -inf allowed) -> the tensors a shard stores.
 
-    k = 257: {"logprobs": [R, 257]}; k < 257: {"symbols": uint8 [R, k], "logprobs": [R, k],
-    "rest": [R]} with `rest` the log of the mass outside the stored symbols (EOT included).
+    k = 257: {"logprobs": [R, 257]}; tail_mass > 0: the adaptive layout (`cache.ragged`, k the cap);
+    otherwise {"symbols": uint8 [R, k], "logprobs": [R, k], "rest": [R]} with `rest` the log of the
+    mass outside the stored symbols (EOT included).
     """
-    check_top_k(k)
-    store = DTYPES[dtype]
+    tail_mass = check_codec(k, dtype, tail_mass)
     q = q.to(torch.float64)
     if k == FULL:
-        return {"logprobs": q.to(store).contiguous()}
+        return {"logprobs": store_logprobs(q, dtype)}
+    if tail_mass:
+        return encode_ragged(q, tail_mass, k, dtype)
     values, symbols = torch.topk(q[:, :BYTE_VALUES], k, dim=1)
     others = q.clone()
     others.scatter_(1, symbols, -math.inf)
     rest = torch.logsumexp(others, dim=1)  # the tail's own sum: exact even when it is tiny
-    return {"symbols": symbols.to(torch.uint8).contiguous(), "logprobs": values.to(store).contiguous(),
-            "rest": rest.to(store).contiguous()}
+    return {"symbols": symbols.to(torch.uint8).contiguous(), "logprobs": store_logprobs(values, dtype),
+            "rest": store_logprobs(rest, dtype)}
+
+
+def kept_outcomes(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept bool [R, 257], values float64 [R, 257]) of a truncated layout (fixed or adaptive)."""
+    if "counts" in stored:
+        return ragged_kept(stored)
+    symbols = stored["symbols"].long()
+    rows = len(symbols)
+    kept = torch.zeros(rows, OUTCOMES, dtype=torch.bool).scatter_(1, symbols, True)
+    values = torch.full((rows, OUTCOMES), -math.inf, dtype=torch.float64)
+    values.scatter_(1, symbols, load_logprobs(stored["logprobs"]))
+    return kept, values
 
 
 def tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor]) -> list[float]:
@@ -60,50 +91,32 @@ def tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor]) -> list[float]:
     the rows of `q` (what a cache's `tail_prior` adds up); zeros for k = 257."""
     if "symbols" not in stored:
         return [0.0] * OUTCOMES
-    p = q.to(torch.float64).exp()
-    p.scatter_(1, stored["symbols"].long(), 0.0)
-    return p.sum(0).tolist()
-
-
-def tail_prior(sums: list[float] | None) -> torch.Tensor | None:
-    """The tail profile from summed `tail_sums` (None, or no mass at all: None, a uniform spread)."""
-    if sums is None:
-        return None
-    prior = torch.tensor(sums, dtype=torch.float64)
-    if not prior.sum() > 0:
-        return None
-    return (prior / prior.sum()).clamp(min=PRIOR_FLOOR)
+    return _tail_sums(q, kept_outcomes(stored)[0])
 
 
 def decode_rows(stored: dict[str, torch.Tensor], prior: torch.Tensor | None = None) -> torch.Tensor:
     """The tensors of `encode_rows` -> `[R, 257]` float32 log-probabilities of a proper distribution
-    (module docstring: the remaining mass spread over the outcomes not stored, in proportion to
+    (module docstring: the remaining mass spread over the outcomes not stored in proportion to
     `prior [257]`, uniformly when None). A row whose stored values are all -inf (an undefined
     teacher row) stays all -inf."""
-    logprobs = stored["logprobs"].float()
     if "symbols" not in stored:
-        return logprobs
-    k = logprobs.shape[1]
-    symbols = stored["symbols"].long()
-    rest = stored["rest"].double().unsqueeze(1)
-    if prior is None:
-        out = (rest - math.log(OUTCOMES - k)).expand(-1, OUTCOMES).clone()
-    else:
-        weights = prior.to(torch.float64).expand(len(rest), -1).clone()
-        weights.scatter_(1, symbols, 0.0)
-        out = rest + weights.log() - weights.sum(1, keepdim=True).log()
-    out.scatter_(1, symbols, logprobs.double())
-    # float16 rounding leaves the stored row a little off 1: renormalise (exact rows stay as they are)
-    norm = torch.logsumexp(out, dim=1, keepdim=True)
-    return torch.where(torch.isfinite(norm), out - norm, out).float()
+        return stored["logprobs"].float()
+    kept, values = kept_outcomes(stored)
+    return spread_rest(kept, values, load_logprobs(stored["rest"]), prior)
 
 
-def bytes_per_row(k: int, dtype: str) -> int:
-    """Bytes one text byte costs in the shards (the window index aside)."""
+def bytes_per_row(k: int, dtype: str, mean_count: float | None = None) -> float:
+    """Bytes one text byte costs in the shards (the window index aside): fixed top-k or whole rows,
+    or, with `mean_count` (the adaptive layout), the count byte and `mean_count` entries."""
     size = DTYPES[dtype].itemsize
+    if mean_count is not None:
+        return 1 + size + mean_count * (1 + size)
     return OUTCOMES * size if k == FULL else k * (1 + size) + size
 
 
-# The default (tools/cache_teacher.py): see the README's teacher-cache figures for the trade-off.
-DEFAULT_TOP_K = 32
-DEFAULT_DTYPE = "float16"
+# The defaults (tools/cache_teacher.py): see the README's teacher-cache figures for the trade-off.
+DEFAULT_TAIL_MASS = 0.005  # adaptive: each row leaves at most this mass to the tail profile
+DEFAULT_TOP_K = MAX_CAP  # adaptive: no cap in practice
+DEFAULT_FIXED_TOP_K = 32  # with tail mass 0 (a fixed top-k), when --top-k is not given
+DEFAULT_DTYPE = "uint8"
+DEFAULT_FIXED_DTYPE = "float16"  # with tail mass 0 or k = 257, when --dtype is not given (as before)

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import (MANIFEST, cache_header, read_manifest, shard_name, shard_problem, sidecar_name,
-                                    window_digest)
-from bld_scale.cache.rows import DTYPES, check_top_k, encode_rows, tail_sums
+from bld_scale.cache.layout import (MANIFEST, cache_header, codec_label, read_manifest, shard_name, shard_problem,
+                                    sidecar_name, window_digest)
+from bld_scale.cache.rows import check_codec, encode_rows, tail_sums
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
 from bld_scale.data.batch import PairTokenizer, collate, split_windows
@@ -74,7 +74,7 @@ def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], win
     write_atomic(folder / sidecar_name(index), json.dumps(record))
 
 
-def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
+def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str, tail_mass: float,
                   batch_size: int) -> tuple[dict, list[float]]:
     rows = []
     for i in range(0, len(texts), batch_size):
@@ -88,18 +88,21 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
     sizes = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.int64)
     digests = torch.tensor([list(window_digest(t)) for t in texts], dtype=torch.uint8)
     q = torch.cat(rows)
-    stored = encode_rows(q, top_k, dtype)
+    stored = encode_rows(q, top_k, dtype, tail_mass)
     return {"row_offsets": sizes.cumsum(0), "window_sha256": digests, **stored}, tail_sums(q, stored)
 
 
 def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_windows: int | None = None,
                 windows_per_shard: int = 256, batch_size: int = 8, rank: int = 0, world: int = 1,
-                barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> dict:
+                tail_mass: float = 0.0, barrier: Callable[[], None] = lambda: None,
+                log: Callable[[str], None] = print) -> dict:
     """Write (or finish) the cache of `recipe`'s first `max_windows` windows (default: one epoch)
-    into `out`; returns its manifest. Every rank calls it; `barrier` waits for all of them."""
-    check_top_k(top_k)
-    if dtype not in DTYPES:
-        raise TeacherCacheError(f"dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+    into `out`; returns its manifest. Every rank calls it; `barrier` waits for all of them.
+    `tail_mass` > 0 selects the adaptive codec, `top_k` its cap (`cache.rows`)."""
+    try:
+        tail_mass = check_codec(top_k, dtype, tail_mass)
+    except ValueError as err:
+        raise TeacherCacheError(str(err)) from None
     if windows_per_shard < 1 or batch_size < 1:
         raise TeacherCacheError("windows per shard and batch size must be at least 1")
     folder = Path(out)
@@ -107,7 +110,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
     total = max_windows if max_windows is not None else windows_per_epoch(corpus.train, recipe.data.window_bytes)
     if total < 1:
         raise TeacherCacheError(f"--max-windows {total}: cache at least one window")
-    wanted = cache_header(recipe, top_k=top_k, dtype=dtype, windows=total, windows_per_shard=windows_per_shard)
+    wanted = cache_header(recipe, top_k=top_k, dtype=dtype, windows=total, windows_per_shard=windows_per_shard,
+                          tail_mass=tail_mass)
     found = read_manifest(folder)  # every rank decides alike from the same files
     if found is not None:
         problems = _header_problems(found, wanted)
@@ -138,7 +142,7 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             continue
         if entry is not None:
             log(f"redoing {problem}")
-        _write_shard(folder, s, *_encode_shard(texts, rows_of, top_k, dtype, batch_size), (first, last))
+        _write_shard(folder, s, *_encode_shard(texts, rows_of, top_k, dtype, tail_mass, batch_size), (first, last))
         made += 1
         log(f"rank {rank}: shard {s + 1}/{n_shards} (windows {first}..{last - 1}) written")
     print(f"[bld_scale] rank {rank}: {made} shards written, {done} already complete", flush=True)
@@ -155,6 +159,6 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
         tail = [sum(col) for col in zip(*(entry["tail_mass"] for entry in shards.values()))]
         manifest = {**wanted, "complete": True, "tail_mass": tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
-        log(f"teacher cache {folder}: {total} windows in {n_shards} shards (k={top_k}, {dtype})")
+        log(f"teacher cache {folder}: {total} windows in {n_shards} shards ({codec_label(wanted)})")
     barrier()
     return manifest

@@ -271,8 +271,8 @@ def open_teacher_cache(recipe: Recipe, world: int, log):
 
     t = recipe.train
     cache = TeacherCache.open(recipe.distill.teacher_cache, recipe, t.max_steps * t.micro_batch_size * t.grad_accum * world)
-    log(f"teacher targets from the cache {recipe.distill.teacher_cache} ({cache.windows} windows, k="
-        f"{cache.manifest['top_k']}, {cache.manifest['dtype']}): the teacher is not loaded")
+    log(f"teacher targets from the cache {recipe.distill.teacher_cache} ({cache.windows} windows, "
+        f"{cache.codec}): the teacher is not loaded")
     return cache
 
 

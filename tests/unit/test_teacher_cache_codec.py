@@ -1,0 +1,174 @@
+"""The adaptive row codec (bld_scale.cache.ragged) and uint8 log-probabilities (cache.quantize),
+against direct loops; and caches of every layout, fixed top-k as made before the adaptive codec
+included, built, resumed and served by window."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bld_scale.cache.errors import TeacherCacheError
+from bld_scale.cache.layout import MANIFEST
+from bld_scale.cache.quantize import load_logprobs, store_logprobs
+from bld_scale.cache.reader import TeacherCache
+from bld_scale.cache.rows import bytes_per_row, decode_rows, encode_rows, tail_prior, tail_sums
+from test_teacher_cache import WINDOWS, build, recipe, stream_windows, synthetic_rows
+
+
+def mixed_rows(n=260, seed=0):
+    """Diffuse rows, peaked rows (one value of ~0.999), rows with few outcomes of non-zero mass,
+    zero-mass (-inf) byte values and EOT mass, an undefined row (all -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 1, generator=g, dtype=torch.float64) * 6
+    logits = torch.randn(n, 257, generator=g, dtype=torch.float64) * scale
+    logits[::5, 7] += 12.0  # peaked
+    logits[1::7, 100:160] = -math.inf
+    logits[2::11, 3:257] = -math.inf  # three byte values, no EOT
+    logits[3::13, 256] += 6.0  # much EOT mass, which does not count against the tail mass
+    q = torch.log_softmax(logits, dim=1)
+    q[4] = -math.inf
+    return q
+
+
+def reference(q: torch.Tensor, tau: float, cap: int, prior):
+    """Row by row: keep byte values, most probable first, while the byte values' mass left out is > tau."""
+    p_all = q.exp().numpy()
+    out, counts = np.empty_like(p_all), []
+    for p in p_all:
+        order = sorted(range(256), key=lambda v: -p[v])
+        kept, left = [], p[:256].sum()
+        for v in order:
+            if kept and (left <= tau or len(kept) == cap):
+                break
+            if p[v] == 0 and kept:
+                break
+            kept.append(v)
+            left -= p[v]
+        counts.append(len(kept))
+        others = np.setdiff1d(np.arange(257), kept)
+        w = np.ones(257) if prior is None else prior.numpy().copy()
+        row = np.empty(257)
+        row[kept] = p[kept]
+        row[others] = p[others].sum() * w[others] / w[others].sum()
+        out[len(counts) - 1] = row / row.sum() if row.sum() > 0 else row
+    return out, np.array(counts)
+
+
+@pytest.mark.parametrize("tau, cap", [(0.01, 255), (0.001, 255), (0.1, 4), (1e-9, 255)])
+def test_adaptive_rows_match_a_direct_loop(tau, cap):
+    q = mixed_rows()
+    stored = encode_rows(q, cap, "float32", tau)
+    profile = torch.linspace(1.0, 3.0, 257, dtype=torch.float64)
+    for prior in (None, profile / profile.sum()):
+        want, counts = reference(q, tau, cap, prior)
+        np.testing.assert_array_equal(stored["counts"].numpy(), counts)
+        got = decode_rows(stored, prior).double().exp().numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+    assert stored["symbols"].shape == stored["logprobs"].shape == (counts.sum(),)
+    assert torch.isinf(decode_rows(stored)[4]).all()  # the undefined row stays undefined
+
+
+def test_each_row_leaves_at_most_tau_out_with_the_fewest_values():
+    q = mixed_rows(seed=1)
+    tau = 0.003
+    stored = encode_rows(q, 255, "float32", tau)
+    counts = stored["counts"].long()
+    p = q.exp()
+    ordered = torch.sort(p[:, :256], dim=1, descending=True).values
+    total = p[:, :256].sum(1)  # EOT is never stored: its mass does not count against tau
+    nonzero = (ordered > 0).sum(1)
+    for r in range(len(q)):
+        c = int(counts[r])
+        assert c >= 1
+        left = float(total[r] - ordered[r, :c].sum())
+        assert left <= tau or c == 255 or (nonzero[r] == 0 and c == 1)  # the cap; an undefined row
+        if c > 1:  # one value fewer would leave more than tau out
+            assert float(total[r] - ordered[r, :c - 1].sum()) > tau
+    peaked = total - p[:, :256].max(1).values <= tau
+    assert peaked.sum() > 10 and (counts[peaked] == 1).all()
+    eot = p[:, 256] > 0.5
+    assert eot.sum() >= 5 and (counts[eot] < 255).all()  # EOT mass does not make a row keep the cap
+
+
+def test_uint8_log_probabilities_are_within_a_32nd_of_a_nat():
+    x = torch.cat([-torch.rand(10000, dtype=torch.float64) * 15.875, torch.tensor([0.0, -15.875, -20.0, -math.inf])])
+    codes = store_logprobs(x, "uint8")
+    assert codes.dtype == torch.uint8
+    back = load_logprobs(codes)
+    assert (back[:-2] - x[:-2]).abs().max() <= 1 / 32 + 1e-12
+    assert back[-2] == -15.875 and back[-1] == -math.inf  # below the range: raised to it; zero mass stays zero
+
+
+def test_uint8_rows_decode_to_proper_distributions_near_the_float32_ones():
+    q = mixed_rows(seed=2)
+    exact = decode_rows(encode_rows(q, 255, "float32", 0.01)).double()
+    coded = decode_rows(encode_rows(q, 255, "uint8", 0.01)).double()
+    defined = torch.isfinite(exact).any(1)
+    assert torch.allclose(coded[defined].exp().sum(1), torch.ones(int(defined.sum()), dtype=torch.float64), atol=1e-6)
+    finite = torch.isfinite(exact) & (exact > -15)
+    assert (coded[finite] - exact[finite]).abs().max() <= 2 / 32  # 1/32 per value, 1/32 renormalising
+    assert torch.equal(torch.isinf(coded), torch.isinf(exact))
+
+
+def test_whole_rows_ignore_the_tail_mass_and_refuse_uint8():
+    q = synthetic_rows(["whole rows"])[0]
+    assert torch.equal(decode_rows(encode_rows(q, 257, "float32", 0.005)), q.float())
+    with pytest.raises(ValueError, match="257.*float32"):
+        encode_rows(q, 257, "uint8")
+    with pytest.raises(ValueError, match="1..255"):
+        encode_rows(q, 256, "uint8", 0.005)
+
+
+def test_stored_bytes_per_row():
+    q = mixed_rows(seed=3)
+    stored = encode_rows(q, 255, "uint8", 0.01)
+    size = sum(t.numel() * t.element_size() for t in stored.values())
+    assert size == pytest.approx(len(q) * bytes_per_row(255, "uint8", float(stored["counts"].double().mean())))
+    assert bytes_per_row(16, "uint8") == 16 * 2 + 1
+
+
+def test_an_adaptive_cache_serves_each_window_as_its_rows_decode(tmp_path):
+    manifest = build(tmp_path / "c", top_k=255, dtype="uint8", tail_mass=0.01, max_windows=WINDOWS - 3)
+    assert manifest["max_tail_mass"] == 0.01 and len(manifest["shards"]) == 2  # 3 + 1 windows
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    rows = synthetic_rows(texts)
+    q = torch.cat(rows)
+    want_prior = tail_prior(tail_sums(q, encode_rows(q, 255, "uint8", 0.01)))
+    cache = TeacherCache.open(tmp_path / "c", r, WINDOWS - 3)
+    assert torch.allclose(cache.prior, want_prior, rtol=1e-12)
+    for i, (text, row) in enumerate(zip(texts, rows)):
+        assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 255, "uint8", 0.01), want_prior))
+
+
+def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resumes(tmp_path):
+    folder = tmp_path / "c"
+    manifest = build(folder, top_k=8, dtype="float16", max_windows=WINDOWS - 3)
+    assert "max_tail_mass" not in manifest  # the header caches had before
+    from safetensors.torch import load_file
+
+    from bld_scale.cache.layout import shard_name
+
+    shard = load_file(str(folder / shard_name(0)))  # the layout they had: one [R, k] row per text byte
+    assert set(shard) == {"row_offsets", "window_sha256", "symbols", "logprobs", "rest"}
+    assert shard["symbols"].shape == shard["logprobs"].shape == (int(shard["row_offsets"][-1]), 8)
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
+    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
+        assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 8, "float16"), cache.prior))
+    build(folder, top_k=8, dtype="float16", max_windows=WINDOWS - 3)  # the same command resumes it
+    with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*another --out"):
+        build(folder, top_k=8, dtype="float16", tail_mass=0.005, max_windows=WINDOWS - 3)
+    assert json.loads((folder / MANIFEST).read_text())["complete"]
+
+
+def test_bad_codec_settings_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(TeacherCacheError, match="tail mass 1.5"):
+        build(tmp_path / "c", top_k=255, dtype="uint8", tail_mass=1.5)
+    with pytest.raises(TeacherCacheError, match="dtype 'int4'"):
+        build(tmp_path / "c", top_k=8, dtype="int4")
+    assert not (tmp_path / "c").exists()

@@ -78,7 +78,7 @@ class Pipeline:
                            [self.sides.teacher_vocab, self.sides.student_vocab], recipe.data.normalize, log=self.log)
         # loaded for every method: even `ce` reports the teacher's held-out BPB for comparison
         self.teacher = setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
-        student = setup_student(recipe, len(self.sides.student_tok))
+        student = setup_student(recipe, len(self.sides.student_tok), teacher_config)
         self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
                  f"({recipe.student.head} byte head, K={recipe.student.K}); world size {self.world}")
@@ -195,7 +195,8 @@ class Pipeline:
                 batch = self._batch(mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size])
                 loss, logs = distill_step(self._teacher_forward, self.student, batch, self.recipe.distill,
                                           teacher_vocab=self.sides.teacher_vocab, teacher_eos_id=self.sides.teacher_eos,
-                                          teacher_model=self.teacher, agree_forwards=self._agree_forwards)
+                                          teacher_model=self.teacher, agree_forwards=self._agree_forwards,
+                                          student_vocab=self.sides.student_vocab)
                 self.student.backward(loss)
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()

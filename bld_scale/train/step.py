@@ -43,6 +43,10 @@ from bld_scale.tokenize.token_bytes import TokenBytes
 METHODS = next(f.metadata["choices"] for f in dataclasses.fields(DistillConfig) if f.name == "method")
 
 
+# Baselines that align each window's two token sequences themselves: padded batches only.
+ALIGNING_METHODS = ("mined", "dskd", "alm")
+
+
 def check_same_tokenizer(teacher: TokenBytes, student: TokenBytes) -> None:
     """token_kd compares distributions id by id: both sides must be the same vocabulary."""
     same = teacher.table == student.table
@@ -117,6 +121,8 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     if cfg.method not in METHODS:
         raise ValueError(f"unknown distill.method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     method = cfg.method
+    if method in ALIGNING_METHODS and batch.packing is not None:
+        raise ValueError(f"distill.method {method!r} aligns padded windows; set data.pack: false")
     hidden_wanted = {"return_hidden": True} if method == "dskd" else {}
     token_logits, byte_logits, *hidden = student(**batch.student_inputs(), prev_bytes=batch.byte_targets,
                                                  **hidden_wanted)

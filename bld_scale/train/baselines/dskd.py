@@ -29,8 +29,6 @@ Choices the paper leaves open (ours):
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +56,7 @@ def dskd_terms(projectors: DualSpaceProjectors, *, student_hidden: torch.Tensor,
                student_head_weight: torch.Tensor, student_labels: torch.Tensor,
                teacher_hidden: torch.Tensor, teacher_logprobs: torch.Tensor,
                teacher_input_embeds: torch.Tensor, teacher_target_embeds: torch.Tensor,
-               teacher_mask: torch.Tensor, teacher_head: Callable[[torch.Tensor], torch.Tensor],
+               teacher_mask: torch.Tensor, teacher_head: torch.nn.Module,
                temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """`kd_student`, `kd_teacher`, `ce_t2s` and `t2s_accuracy` of a padded batch.
 
@@ -67,19 +65,20 @@ def dskd_terms(projectors: DualSpaceProjectors, *, student_hidden: torch.Tensor,
     states of the teacher's width to its logits (frozen weights; gradients reach its input).
     """
     student_mask = student_labels != -100
-    query = projectors.query(torch.cat([student_input_embeds, student_target_embeds], -1).detach())
+    dtype = projectors.query.weight.dtype
+    query = projectors.query(torch.cat([student_input_embeds, student_target_embeds], -1).detach().to(dtype))
     keys = _std_normalised(torch.cat([teacher_input_embeds, teacher_target_embeds], -1), teacher_mask).detach()
     a_t2s, a_s2t = cross_model_attention(query, keys, student_mask, teacher_mask)
 
-    values_t = projectors.teacher_to_student(_std_normalised(teacher_hidden.detach().float(), teacher_mask))
-    t2s_logits = (a_t2s @ values_t) @ student_head_weight.detach().float().t()
+    values_t = projectors.teacher_to_student(_std_normalised(teacher_hidden.detach().to(dtype), teacher_mask))
+    t2s_logits = (a_t2s.to(dtype) @ values_t).float() @ student_head_weight.detach().float().t()
     ce_t2s = token_ce(t2s_logits, student_labels)
     correct = student_mask & (t2s_logits.argmax(-1) == student_labels)
     t2s_logq = torch.log_softmax(t2s_logits.detach(), -1)
     kd_student = byte_divergence(t2s_logq, student_logits, correct, "forward_kl", temperature=temperature)
 
-    values_s = projectors.student_to_teacher(student_hidden.float())
-    s2t_logits = teacher_head(a_s2t @ values_s).float()
+    values_s = projectors.student_to_teacher(student_hidden.to(dtype))
+    s2t_logits = teacher_head((a_s2t.to(dtype) @ values_s).to(teacher_head.weight.dtype)).float()
     kd_teacher = byte_divergence(teacher_logprobs.detach().float(), s2t_logits, teacher_mask, "forward_kl",
                                  temperature=temperature)
     accuracy = correct.sum() / student_mask.sum().clamp(min=1)

@@ -248,14 +248,16 @@ class Variant:
         self.seconds: list = []
         self.logs: dict = {}
 
-    def step(self, teacher_logits, batch, teacher_vocab, teacher_seconds, teacher_model=None, teacher_hidden=None):
+    def step(self, teacher_logits, batch, teacher_vocab, teacher_seconds, teacher_model=None, teacher_hidden=None,
+             byte_targets_cache=None):
         t0 = time.perf_counter()
         forward = None if self.method == "ce" else (lambda ids, mask: teacher_logits)
         # conversion "exact" runs its own tree-masked teacher forwards, so it needs the model
         loss, logs = distill_step(forward, self.forward, batch, self.distill, teacher_vocab=teacher_vocab,
                                   teacher_eos_id=self.teacher_eos, teacher_model=teacher_model,
                                   student_vocab=self.student_vocab,
-                                  teacher_hidden=teacher_hidden if self.method == "dskd" else None)
+                                  teacher_hidden=teacher_hidden if self.method == "dskd" else None,
+                                  byte_targets_cache=byte_targets_cache)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -313,8 +315,11 @@ def run_seed(args, recipe, sides, teacher, seed, variants, train_windows, make_b
                               output_hidden_states=need_hidden)
             logits, hidden = out.logits, (out.hidden_states[-1] if need_hidden else None)
         t_teacher = time.perf_counter() - t0
-        losses = {v.name: v.step(logits, batches[v.same_tokenizer], sides.teacher_vocab, t_teacher, teacher, hidden)
-                  for v in runs}
+        # bld variants of one rule share its byte targets (the first one computes them; its
+        # s/step carries that cost, the others' do not)
+        targets_cache: dict = {}
+        losses = {v.name: v.step(logits, batches[v.same_tokenizer], sides.teacher_vocab, t_teacher, teacher, hidden,
+                                 targets_cache) for v in runs}
         if step % args.eval_every == 0 or step == args.steps:
             bpbs = {v.name: v.evaluate(step, eval_batches[v.same_tokenizer]) for v in runs}
             print(f"  seed {seed} step {step:4d} [{time.perf_counter() - t_start:.0f} s] eval BPB "
@@ -335,6 +340,7 @@ def summarize(runs, variants):
         table[name] = {"mean": statistics.mean(finals), "min": min(finals), "max": max(finals),
                        "std": statistics.stdev(finals) if len(finals) > 1 else 0.0, "n": len(finals),
                        "params": next(r.get("params") for r in runs if r["variant"] == name),
+                       "params_lm": next(r.get("params_lm") for r in runs if r["variant"] == name),
                        "step_seconds": statistics.mean(r["step_seconds_median"] for r in runs
                                                        if r["variant"] == name)}
     return table
@@ -373,10 +379,11 @@ def markdown(result) -> str:
              f"{a['batch']} windows, seeds {a['seeds']}; lr {a['lr']}, lambda_KL {a['lambda_kl']}, "
              f"conversion {a['conversion']} (a variant@conversion names its own).",
              "",
-             "| model | held-out BPB (mean ± std) | min – max | s/step (median) | parameters |",
+             "| model | held-out BPB (mean ± std) | min – max | s/step (median) | LM parameters (+ head, projectors) |",
              "|---|---|---|---|---|"]
     for name, row in result["table"].items():
-        params = f"{row['params'] / 1e6:.2f}M" if row.get("params") else ""
+        params = (f"{row['params_lm'] / 1e6:.2f}M (+{(row['params'] - row['params_lm']) / 1e6:.2f}M)"
+                  if row.get("params_lm") else "")
         lines.append(f"| student, {name} | {row['mean']:.4f} ± {row['std']:.4f} | "
                      f"{row['min']:.4f} – {row['max']:.4f} | {row['step_seconds']:.2f} | {params} |")
     lines.append(f"| student before training | {result['before_mean']:.4f} | | | |")

@@ -102,7 +102,7 @@ def same_token_teacher_rows(logprobs: torch.Tensor, batch: DistillBatch) -> torc
 def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch, cfg: DistillConfig, *,
                  teacher_vocab: TokenBytes | None = None, teacher_eos_id: int | None = None, teacher_model=None,
                  agree_forwards: Callable[[int], int] | None = None, student_vocab: TokenBytes | None = None,
-                 teacher_hidden: torch.Tensor | None = None):
+                 teacher_hidden: torch.Tensor | None = None, byte_targets_cache: dict | None = None):
     """Loss of one batch and the logs of each term (detached).
 
     `cfg` is the recipe's `distill` section (method, weights, divergence, conversion).
@@ -113,7 +113,9 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     `bld_scale.convert.exact.exact_byte_targets`). `student_vocab` (the student tokenizer's
     `TokenBytes`) gives `mined` its token strings. `dskd` reads the teacher's last hidden states
     (`teacher_hidden`, else one forward of `teacher_model` that returns them) and its embeddings
-    and head from `teacher_model`. Returns `(loss, logs)`; logs hold `loss`, `loss_ce`, and per
+    and head from `teacher_model`. `byte_targets_cache`: a dict shared by calls on the SAME batch
+    and teacher (a tool comparing students in lockstep), so `bld` converts once per conversion
+    rule. Returns `(loss, logs)`; logs hold `loss`, `loss_ce`, and per
     method `loss_byte_ce`, `loss_kl`, `loss_uld`, `loss_kd`, `loss_mined`, `loss_alm` or
     `loss_kd_student`, `loss_kd_teacher`, `loss_ce_t2s`, `t2s_accuracy`, plus `tokens` and
     `bytes` counted in the batch.
@@ -136,10 +138,15 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     if method == "bld":
         if teacher_vocab is None:
             raise ValueError("method 'bld' needs the teacher's TokenBytes for the conversion")
-        q, q_mask, _ = teacher_byte_targets(batch, teacher_vocab, conversion=cfg.conversion,
-                                            teacher_forward=teacher_forward, teacher_model=teacher_model,
-                                            eos_id=teacher_eos_id, exact_chunk_tokens=cfg.exact_chunk_tokens,
-                                            agree_forwards=agree_forwards, backend=cfg.conversion_backend)
+        if byte_targets_cache is not None and cfg.conversion in byte_targets_cache:
+            q, q_mask = byte_targets_cache[cfg.conversion]
+        else:
+            q, q_mask, _ = teacher_byte_targets(batch, teacher_vocab, conversion=cfg.conversion,
+                                                teacher_forward=teacher_forward, teacher_model=teacher_model,
+                                                eos_id=teacher_eos_id, exact_chunk_tokens=cfg.exact_chunk_tokens,
+                                                agree_forwards=agree_forwards, backend=cfg.conversion_backend)
+            if byte_targets_cache is not None:
+                byte_targets_cache[cfg.conversion] = (q, q_mask)
         rows, row_mask = gather_teacher_rows(q, batch.teacher_rows, q_mask)
         loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
                               rows, row_mask, lambda_b=cfg.lambda_b, lambda_kl=cfg.lambda_kl,

@@ -160,12 +160,15 @@ def test_dskd_terms_match_a_loop():
     s_in, s_out = torch.randn(B, J, ds, dtype=torch.double), torch.randn(B, J, ds, dtype=torch.double)
     t_in, t_out = torch.randn(B, L, dt, dtype=torch.double), torch.randn(B, L, dt, dtype=torch.double)
     w_s = torch.randn(Vs, ds, dtype=torch.double)
-    t_head = torch.nn.Linear(dt, Vt, bias=False).double()
+    t_head = torch.nn.Linear(dt, Vt, bias=False).double().requires_grad_(False)  # the teacher is frozen
+    s_head = torch.nn.Linear(ds, Vs, bias=False).double()
+    with torch.no_grad():
+        s_head.weight.copy_(w_s)
     labels = torch.tensor([[1, 2, 3, -100], [4, 0, 5, 5]])
     t_mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, False]])
     t_logprobs = torch.log_softmax(torch.randn(B, L, Vt, dtype=torch.double), -1)
     got = dskd_terms(proj, student_hidden=s_hidden, student_logits=s_logits, student_input_embeds=s_in,
-                     student_target_embeds=s_out, student_head_weight=w_s, student_labels=labels,
+                     student_target_embeds=s_out, student_head=s_head, student_labels=labels,
                      teacher_hidden=t_hidden, teacher_logprobs=t_logprobs, teacher_input_embeds=t_in,
                      teacher_target_embeds=t_out, teacher_mask=t_mask, teacher_head=t_head, temperature=T)
 
@@ -201,3 +204,6 @@ def test_dskd_terms_match_a_loop():
     assert float(got["kd_teacher"]) == pytest.approx(kd_t / n_t, rel=1e-4)
     assert float(got["kd_student"]) == pytest.approx(kd_s / n_s if n_s else 0.0, rel=1e-4, abs=1e-9)
     assert float(got["t2s_accuracy"]) == pytest.approx(n_s / n_ce)
+    sum(v for k, v in got.items() if k != "t2s_accuracy").backward()
+    assert s_head.weight.grad is None or not s_head.weight.grad.any()  # the heads stay as they are
+    assert proj.teacher_to_student.weight.grad.abs().sum() > 0

@@ -253,3 +253,20 @@ def test_baselines_refuse_packed_batches(tiny_pair):
             distill_step(_teacher_fn(teacher), student, packed, DistillConfig(method=method),
                          teacher_vocab=t_vocab, student_vocab=s_vocab, teacher_model=teacher,
                          teacher_hidden=torch.zeros(1))
+
+
+def test_a_shared_byte_targets_cache_gives_the_same_loss(tiny_pair):
+    teacher, t_vocab, s_vocab, batch = tiny_pair
+    student = _student(s_vocab, head="linear")
+    plain, _ = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab)
+    cache: dict = {}
+    first, _ = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab,
+                            byte_targets_cache=cache)
+    assert set(cache) == {"cover"}
+
+    def no_teacher(ids, mask):
+        raise AssertionError("the cached targets should have been used")
+
+    second, _ = distill_step(no_teacher, student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab,
+                             byte_targets_cache=cache)
+    assert float(plain) == float(first) == float(second)

@@ -38,8 +38,23 @@ from bld_scale.train.losses import byte_divergence, token_ce
 MASKED_SCORE = -1e9  # not -inf: a row with nothing to attend to stays finite (and is masked later)
 
 
+def _weight_dtype(layer: torch.nn.Module) -> torch.dtype:
+    return next(layer.parameters()).dtype
+
+
 def _std_normalised(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x / x[mask].float().std().clamp(min=1e-6).detach()
+
+
+def through_frozen_weights(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` with gradients to `x` only, none to the layer's weights.
+
+    The layer is called as a module (never its `.weight` read directly), so a ZeRO-3 engine
+    gathers a partitioned weight as for any forward. For a linear layer the first two terms cancel
+    exactly in value and in their weight gradient, leaving x's gradient; the third carries the value.
+    """
+    fixed = x.detach()
+    return layer(x) - layer(fixed) + layer(fixed).detach()
 
 
 def cross_model_attention(query: torch.Tensor, keys: torch.Tensor, student_mask: torch.Tensor,
@@ -53,7 +68,7 @@ def cross_model_attention(query: torch.Tensor, keys: torch.Tensor, student_mask:
 
 def dskd_terms(projectors: DualSpaceProjectors, *, student_hidden: torch.Tensor, student_logits: torch.Tensor,
                student_input_embeds: torch.Tensor, student_target_embeds: torch.Tensor,
-               student_head_weight: torch.Tensor, student_labels: torch.Tensor,
+               student_head: torch.nn.Module, student_labels: torch.Tensor,
                teacher_hidden: torch.Tensor, teacher_logprobs: torch.Tensor,
                teacher_input_embeds: torch.Tensor, teacher_target_embeds: torch.Tensor,
                teacher_mask: torch.Tensor, teacher_head: torch.nn.Module,
@@ -61,8 +76,9 @@ def dskd_terms(projectors: DualSpaceProjectors, *, student_hidden: torch.Tensor,
     """`kd_student`, `kd_teacher`, `ce_t2s` and `t2s_accuracy` of a padded batch.
 
     Student tensors are `[B, J, .]` (labels -100 where none), teacher tensors `[B, L, .]`,
-    `teacher_mask [B, L]` the rows that predict a teacher token. `teacher_head` maps hidden
-    states of the teacher's width to its logits (frozen weights; gradients reach its input).
+    `teacher_mask [B, L]` the rows that predict a teacher token. `student_head` and `teacher_head`
+    (the two linear LM heads) map hidden states to logits; the student head's weights get no
+    gradient here, the teacher's are frozen by its owner (gradients reach its input only).
     """
     student_mask = student_labels != -100
     dtype = projectors.query.weight.dtype
@@ -71,14 +87,15 @@ def dskd_terms(projectors: DualSpaceProjectors, *, student_hidden: torch.Tensor,
     a_t2s, a_s2t = cross_model_attention(query, keys, student_mask, teacher_mask)
 
     values_t = projectors.teacher_to_student(_std_normalised(teacher_hidden.detach().to(dtype), teacher_mask))
-    t2s_logits = (a_t2s.to(dtype) @ values_t).float() @ student_head_weight.detach().float().t()
+    t2s_hidden = (a_t2s.to(dtype) @ values_t).to(_weight_dtype(student_head))
+    t2s_logits = through_frozen_weights(student_head, t2s_hidden).float()
     ce_t2s = token_ce(t2s_logits, student_labels)
     correct = student_mask & (t2s_logits.argmax(-1) == student_labels)
     t2s_logq = torch.log_softmax(t2s_logits.detach(), -1)
     kd_student = byte_divergence(t2s_logq, student_logits, correct, "forward_kl", temperature=temperature)
 
     values_s = projectors.student_to_teacher(student_hidden.to(dtype))
-    s2t_logits = teacher_head((a_s2t.to(dtype) @ values_s).to(teacher_head.weight.dtype)).float()
+    s2t_logits = teacher_head((a_s2t.to(dtype) @ values_s).to(_weight_dtype(teacher_head))).float()
     kd_teacher = byte_divergence(teacher_logprobs.detach().float(), s2t_logits, teacher_mask, "forward_kl",
                                  temperature=temperature)
     accuracy = correct.sum() / student_mask.sum().clamp(min=1)

@@ -66,7 +66,7 @@ def dskd_term(batch: DistillBatch, student, token_logits, student_hidden, teache
     return dskd_terms(
         projectors, student_hidden=student_hidden, student_logits=token_logits,
         student_input_embeds=s_embed(batch.student_input_ids), student_target_embeds=s_embed(labels.clamp(min=0)),
-        student_head_weight=core.lm.get_output_embeddings().weight, student_labels=labels,
+        student_head=core.lm.get_output_embeddings(), student_labels=labels,
         teacher_hidden=teacher_hidden, teacher_logprobs=teacher_logprobs, teacher_input_embeds=t_in,
         teacher_target_embeds=t_out, teacher_mask=t_mask, teacher_head=teacher.get_output_embeddings(),
         temperature=cfg.temperature)

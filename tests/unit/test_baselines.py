@@ -29,8 +29,8 @@ def _random_bytes(rng, alphabet, lengths):
 # ------------------------------------------------------------------------------ edit distance
 def test_edit_distances_match_the_textbook_table():
     rng = random.Random(0)
-    # lengths around the word limits (30: int32 words, 63: int64 words, past it: the fallback)
-    patterns = [_random_bytes(rng, b"ab\xc3\x00", [0, 1, 2, 5, 30, 31, 63]) for _ in range(45)] + [None]
+    # lengths around the word limits (14: int16, 30: int32, 63: int64 words, past it: the fallback)
+    patterns = [_random_bytes(rng, b"ab\xc3\x00", [0, 1, 2, 5, 14, 15, 30, 31, 63]) for _ in range(45)] + [None]
     patterns += [b"ab" * 32, bytes(70)]
     texts = [_random_bytes(rng, b"ab\xc3\x00", range(13)) for _ in range(25)] + [None, b"a" * 75]
     got = edit_distance_matrix(patterns, texts)

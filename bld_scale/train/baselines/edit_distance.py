@@ -38,36 +38,48 @@ def _padded_texts(texts: list[bytes]) -> tuple[torch.Tensor, torch.Tensor, torch
     return chars, lengths[order], order
 
 
+class PatternWords:
+    """Patterns of 1..63 bytes as bit masks: `peq[p, c]` has bit i set where pattern p's byte i is c."""
+
+    def __init__(self, patterns: list[bytes]):
+        # narrower words cut the memory traffic when every pattern fits (the sign bit stays free)
+        longest = max(len(p) for p in patterns)
+        self.dtype = dtype = torch.int16 if longest <= 14 else torch.int32 if longest <= 30 else torch.long
+        self.peq = torch.zeros((len(patterns), 256), dtype=dtype)
+        for p, pat in enumerate(patterns):
+            for i, byte in enumerate(pat):
+                self.peq[p, byte] |= 1 << i
+        self.m = torch.tensor([len(p) for p in patterns], dtype=dtype).unsqueeze(1)
+
+    def distances(self, chars: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """[P, T] distances to texts `chars [T, width]`, sorted longest first (`lengths`; None: all full)."""
+        dtype, m = self.dtype, self.m
+        P, T = self.peq.shape[0], chars.shape[0]
+        top = torch.ones_like(m) << (m - 1)  # the bit of the last pattern row: the distance's row
+        pv = ((torch.ones_like(m) << m) - 1).expand(P, T).clone()
+        mv = torch.zeros((P, T), dtype=dtype)
+        score = m.expand(P, T).clone()
+        for j in range(chars.shape[1]):
+            n = T if lengths is None else int((lengths > j).sum())  # texts still running
+            if n == 0:
+                break
+            eq = self.peq[:, chars[:n, j]]
+            v, w = pv[:, :n], mv[:, :n]
+            xv = eq | w
+            xh = (((eq & v) + v) ^ v) | eq
+            ph = w | ~(xh | v)
+            mh = v & xh
+            score[:, :n] += ((ph & top) != 0).to(dtype) - ((mh & top) != 0).to(dtype)
+            ph = (ph << 1) | 1  # row 0 of the table grows by one per text byte: a carry-in of +1
+            mh = mh << 1
+            pv[:, :n] = mh | ~(xv | ph)
+            mv[:, :n] = ph & xv
+        return score
+
+
 def _myers(patterns: list[bytes], chars: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """[P, T] distances, patterns of 1..63 bytes against texts sorted longest first."""
-    P, T = len(patterns), chars.shape[0]
-    # int32 words halve the memory traffic when every pattern fits in 30 bits
-    dtype = torch.int32 if max(len(p) for p in patterns) <= 30 else torch.long
-    peq = torch.zeros((P, 256), dtype=dtype)
-    for p, pat in enumerate(patterns):
-        for i, byte in enumerate(pat):
-            peq[p, byte] |= 1 << i
-    m = torch.tensor([len(p) for p in patterns], dtype=dtype).unsqueeze(1)
-    top = torch.ones_like(m) << (m - 1)  # the bit of the last pattern row: the distance's row
-    pv = ((torch.ones_like(m) << m) - 1).expand(P, T).clone()
-    mv = torch.zeros((P, T), dtype=dtype)
-    score = m.expand(P, T).clone()
-    for j in range(chars.shape[1]):
-        n = int((lengths > j).sum())  # texts still running (sorted longest first)
-        if n == 0:
-            break
-        eq = peq[:, chars[:n, j]]
-        v, w = pv[:, :n], mv[:, :n]
-        xv = eq | w
-        xh = (((eq & v) + v) ^ v) | eq
-        ph = w | ~(xh | v)
-        mh = v & xh
-        score[:, :n] += ((ph & top) != 0).to(dtype) - ((mh & top) != 0).to(dtype)
-        ph = (ph << 1) | 1  # row 0 of the table grows by one per text byte: a carry-in of +1
-        mh = mh << 1
-        pv[:, :n] = mh | ~(xv | ph)
-        mv[:, :n] = ph & xv
-    return score
+    return PatternWords(patterns).distances(chars, lengths)
 
 
 def _dynamic_program(pattern: bytes, chars: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -131,17 +143,18 @@ def _by_length(entries: Sequence[bytes | None]) -> dict[int, list[int]]:
 
 
 def nearest_token_map(source: Sequence[bytes | None], target: Sequence[bytes | None],
-                      block: int = 1 << 17) -> torch.Tensor:
+                      block: int = 1 << 18) -> torch.Tensor:
     """[len(source)] long: for each source row the target row nearest in edit distance (MinED).
 
     Ties go to the smallest target id; an exact byte match (distance 0) always wins. Target rows
     without bytes (special tokens, padding rows) are never chosen; a source row without bytes
     maps to -1 (its mass is dropped). Cached per (source, target) pair of tables in this process.
 
-    Speed: the distance is at least the difference of the two lengths, so each group of
-    equal-length source rows visits target lengths nearest first and stops once a length
-    difference exceeds every row's best distance so far; `block` (pattern x text pairs per
-    call) keeps the working arrays in cache.
+    Speed: a distance is at least the difference of the two lengths. Source rows of one length
+    visit the target tokens grouped by length, nearest length first, and a row stops once the
+    length difference exceeds its best distance so far (equal still runs: a smaller id may tie).
+    Target tokens are the bit-parallel patterns (built once per length), source rows the texts;
+    `block` bounds the pattern x text pairs of one call.
     """
     key = table_key(source, target)
     if key in _MAP_CACHE:
@@ -149,27 +162,33 @@ def nearest_token_map(source: Sequence[bytes | None], target: Sequence[bytes | N
     targets = _by_length(target)
     if not targets:
         raise ValueError("the target vocabulary has no token with bytes: nothing to map to")
-    buckets = {n: ([bytes(target[i]) for i in ids], torch.tensor(ids, dtype=torch.long))
-               for n, ids in targets.items()}
+    buckets = {}
+    for n, ids in targets.items():
+        words = [bytes(target[i]) for i in ids]
+        buckets[n] = (PatternWords(words) if n <= MYERS_MAX_PATTERN else words, torch.tensor(ids, dtype=torch.long))
     result = torch.full((len(source),), -1, dtype=torch.long)
-    for n_src, rows in sorted(_by_length(source).items()):
-        order = sorted(buckets, key=lambda n: (abs(n - n_src), n))
-        step = max(1, block // max(len(ids) for _, ids in buckets.values()))
-        for k in range(0, len(rows), step):
-            part = rows[k:k + step]
-            pats = [bytes(source[i]) for i in part]
-            best = torch.full((len(part),), 1 << 30, dtype=torch.long)
-            best_id = torch.full((len(part),), -1, dtype=torch.long)
-            for n_tgt in order:
-                if abs(n_tgt - n_src) > int(best.max()):
-                    break  # every later bucket is at least this far: none can win or tie
-                texts, ids = buckets[n_tgt]
-                dist = edit_distance_matrix(pats, texts, chunk=step)
-                d, j = dist.min(dim=1)  # the first minimum: the smallest id within the bucket
+    for n_src, rows in _by_length(source).items():
+        chars = torch.tensor([list(source[i]) for i in rows], dtype=torch.long)
+        lengths = torch.full((len(rows),), n_src, dtype=torch.long)
+        best = torch.full((len(rows),), 1 << 30, dtype=torch.long)
+        best_id = torch.full((len(rows),), -1, dtype=torch.long)
+        for n_tgt in sorted(buckets, key=lambda n: (abs(n - n_src), n)):
+            active = torch.nonzero(best >= abs(n_tgt - n_src)).squeeze(1)
+            if active.numel() == 0:
+                break  # buckets come nearest length first: no later one can win or tie
+            words, ids = buckets[n_tgt]
+            step = max(1, block // len(ids))
+            for k in range(0, active.numel(), step):
+                part = active[k:k + step]
+                if isinstance(words, PatternWords):
+                    dist = words.distances(chars[part])
+                else:  # tokens past one machine word: the plain table, one pattern at a time
+                    dist = torch.stack([_dynamic_program(w, chars[part], lengths[part]) for w in words])
+                d, j = dist.min(dim=0)  # the first minimum: the smallest id of the bucket
                 cand = ids[j]
-                better = (d < best) | ((d == best) & (cand < best_id))
-                best = torch.where(better, d, best)
-                best_id = torch.where(better, cand, best_id)
-            result[part] = best_id
+                better = (d < best[part]) | ((d == best[part]) & (cand < best_id[part]))
+                best[part] = torch.where(better, d, best[part])
+                best_id[part] = torch.where(better, cand, best_id[part])
+        result[torch.tensor(rows, dtype=torch.long)] = best_id
     _MAP_CACHE[key] = result
     return result

@@ -1,8 +1,13 @@
-"""Held-out bits per byte of students distilled by `ce`, `uld`, `bld`+`linear`, `bld`+`causal`.
+"""Held-out bits per byte of students distilled by `ce`, the cross-tokenizer baselines and `bld`.
 
 One command, one process, no DeepSpeed:
 
     python tools/measure_students.py            # 4 variants x 3 seeds, writes docs/results/students.*
+
+Variants: `ce`, `uld`, `mined`, `dskd`, `alm`, `bld_linear`, `bld_causal` (a bld variant may
+name its byte targets: `bld_causal@exact`), and `token_kd`: the ceiling, a student of the same
+body that uses the TEACHER's tokenizer (its own embedding rows) trained with token-level KD on the
+same windows; the table reports every variant's parameter count.
 
 For each seed every variant starts from the same student body (the recipe's student, built with
 `bld_scale.train.pipeline.setup_student` right after `seed_everything(seed)`; the byte head is built after
@@ -51,6 +56,10 @@ DEFAULT_RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 VARIANTS = {  # name -> (method, head)
     "ce": ("ce", "causal"),
     "uld": ("uld", "causal"),
+    "mined": ("mined", "causal"),
+    "dskd": ("dskd", "causal"),
+    "alm": ("alm", "causal"),
+    "token_kd": ("token_kd", "causal"),  # the same-tokenizer ceiling: the teacher's tokenizer
     "bld_linear": ("bld", "linear"),
     "bld_causal": ("bld", "causal"),
 }
@@ -180,16 +189,27 @@ def eval_teacher(teacher, sides, batches, modes, exact_chunk_tokens) -> dict:
 class TokenOnly(torch.nn.Module):
     """The student without its byte head: the same token logits, no byte logits.
 
-    `ce` and `uld` never read the byte logits and held-out BPB reads only the token logits, so
-    they skip the head's compute; `bld` gets the full student.
+    Only `bld` reads the byte logits and held-out BPB reads only the token logits, so the other
+    methods skip the head's compute; `bld` gets the full student. `dskd` asks for the last hidden
+    state and reads `.lm` and `.projectors`.
     """
 
     def __init__(self, student):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids, attention_mask=None, prev_bytes=None):
-        return self.student.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, None
+    @property
+    def lm(self):
+        return self.student.lm
+
+    @property
+    def projectors(self):
+        return self.student.projectors
+
+    def forward(self, input_ids, attention_mask=None, prev_bytes=None, return_hidden=False):
+        out = self.student.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              output_hidden_states=return_hidden)
+        return (out.logits, None, out.hidden_states[-1]) if return_hidden else (out.logits, None)
 
 
 @torch.no_grad()
@@ -200,14 +220,20 @@ def body_checksum(student) -> float:
 class Variant:
     """One (method, head) student of one seed with its optimizer and schedule."""
 
-    def __init__(self, args, recipe, sides, name, seed, distill):
+    def __init__(self, args, recipe, sides, name, seed, distill, teacher_config):
         self.name, self.seed = name, seed
         self.method, self.head, conversion = parse_variant(name)
+        self.same_tokenizer = self.method == "token_kd"  # the ceiling: the teacher's tokenizer
         self.distill = dataclasses.replace(distill, method=self.method, conversion=conversion or distill.conversion)
         self.teacher_eos = sides.teacher_eos
-        recipe.student.head = self.head
+        self.student_vocab = sides.teacher_vocab if self.same_tokenizer else sides.student_vocab
+        recipe = dataclasses.replace(recipe, student=dataclasses.replace(recipe.student, head=self.head),
+                                     distill=self.distill)
         seed_everything(seed)  # the body is built first: the same for every head kind
-        self.student = setup_student(recipe, len(sides.student_tok))
+        vocab = sides.teacher_vocab.vocab_size if self.same_tokenizer else len(sides.student_tok)
+        self.student = setup_student(recipe, vocab, teacher_config)
+        self.n_params = sum(p.numel() for p in self.student.parameters())
+        self.n_params_lm = sum(p.numel() for p in self.student.lm.parameters())
         self.checksum = body_checksum(self.student)
         self.student.train()
         self.forward = self.student if self.method == "bld" else TokenOnly(self.student)
@@ -222,12 +248,16 @@ class Variant:
         self.seconds: list = []
         self.logs: dict = {}
 
-    def step(self, teacher_logits, batch, teacher_vocab, teacher_seconds, teacher_model=None):
+    def step(self, teacher_logits, batch, teacher_vocab, teacher_seconds, teacher_model=None, teacher_hidden=None,
+             byte_targets_cache=None):
         t0 = time.perf_counter()
         forward = None if self.method == "ce" else (lambda ids, mask: teacher_logits)
         # conversion "exact" runs its own tree-masked teacher forwards, so it needs the model
         loss, logs = distill_step(forward, self.forward, batch, self.distill, teacher_vocab=teacher_vocab,
-                                  teacher_eos_id=self.teacher_eos, teacher_model=teacher_model)
+                                  teacher_eos_id=self.teacher_eos, teacher_model=teacher_model,
+                                  student_vocab=self.student_vocab,
+                                  teacher_hidden=teacher_hidden if self.method == "dskd" else None,
+                                  byte_targets_cache=byte_targets_cache)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -247,6 +277,8 @@ class Variant:
 
     def record(self, steps):
         return {"variant": self.name, "method": self.method, "head": self.head,
+                "tokenizer": "teacher's" if self.same_tokenizer else "student's",
+                "params": self.n_params, "params_lm": self.n_params_lm,
                 "conversion": self.distill.conversion if self.method == "bld" else None,
                 "seed": self.seed, "curve": self.curve, "final_bpb": self.curve[-1][1],
                 "body_checksum": self.checksum,
@@ -257,26 +289,39 @@ class Variant:
 
 
 def run_seed(args, recipe, sides, teacher, seed, variants, train_windows, make_batch, eval_batches, distill):
-    """All variants of one seed in lockstep: the same batch at every step, one teacher forward."""
-    runs = [Variant(args, recipe, sides, name, seed, distill) for name in variants]
-    if len({v.checksum for v in runs}) != 1:
+    """All variants of one seed in lockstep: the same windows at every step, one teacher forward.
+
+    `make_batch(windows, same_tokenizer)` and `eval_batches[same_tokenizer]`: the ceiling
+    (`token_kd`) reads the windows through the teacher's tokenizer on both sides; its teacher
+    input is the same, so the one forward serves it too.
+    """
+    runs = [Variant(args, recipe, sides, name, seed, distill, teacher.config) for name in variants]
+    if len({v.checksum for v in runs if not v.same_tokenizer}) > 1:
         raise RuntimeError(f"seed {seed}: variants start from different student bodies")
     for v in runs:
-        v.evaluate(0, eval_batches)
+        v.evaluate(0, eval_batches[v.same_tokenizer])
     need_teacher = any(v.method != "ce" for v in runs)
+    need_hidden = any(v.method == "dskd" for v in runs)
     t_start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = make_batch(train_windows[(step - 1) * args.batch: step * args.batch])
+        windows = train_windows[(step - 1) * args.batch: step * args.batch]
+        batches = {same: make_batch(windows, same) for same in {v.same_tokenizer for v in runs}}
+        batch = next(iter(batches.values()))
         t0 = time.perf_counter()
-        logits = None
+        logits = hidden = None
         if need_teacher:
             with torch.no_grad():
-                logits = teacher(input_ids=batch.teacher_input_ids,
-                                 attention_mask=batch.teacher_attention_mask).logits
+                out = teacher(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask,
+                              output_hidden_states=need_hidden)
+            logits, hidden = out.logits, (out.hidden_states[-1] if need_hidden else None)
         t_teacher = time.perf_counter() - t0
-        losses = {v.name: v.step(logits, batch, sides.teacher_vocab, t_teacher, teacher) for v in runs}
+        # bld variants of one rule share its byte targets (the first one computes them; its
+        # s/step carries that cost, the others' do not)
+        targets_cache: dict = {}
+        losses = {v.name: v.step(logits, batches[v.same_tokenizer], sides.teacher_vocab, t_teacher, teacher, hidden,
+                                 targets_cache) for v in runs}
         if step % args.eval_every == 0 or step == args.steps:
-            bpbs = {v.name: v.evaluate(step, eval_batches) for v in runs}
+            bpbs = {v.name: v.evaluate(step, eval_batches[v.same_tokenizer]) for v in runs}
             print(f"  seed {seed} step {step:4d} [{time.perf_counter() - t_start:.0f} s] eval BPB "
                   + "  ".join(f"{k} {b:.4f}" for k, b in bpbs.items())
                   + " | loss " + " ".join(f"{k} {x:.3f}" for k, x in losses.items())
@@ -294,6 +339,8 @@ def summarize(runs, variants):
             continue
         table[name] = {"mean": statistics.mean(finals), "min": min(finals), "max": max(finals),
                        "std": statistics.stdev(finals) if len(finals) > 1 else 0.0, "n": len(finals),
+                       "params": next(r.get("params") for r in runs if r["variant"] == name),
+                       "params_lm": next(r.get("params_lm") for r in runs if r["variant"] == name),
                        "step_seconds": statistics.mean(r["step_seconds_median"] for r in runs
                                                        if r["variant"] == name)}
     return table
@@ -332,15 +379,17 @@ def markdown(result) -> str:
              f"{a['batch']} windows, seeds {a['seeds']}; lr {a['lr']}, lambda_KL {a['lambda_kl']}, "
              f"conversion {a['conversion']} (a variant@conversion names its own).",
              "",
-             "| model | held-out BPB (mean ± std) | min – max | s/step (median) |",
-             "|---|---|---|---|"]
+             "| model | held-out BPB (mean ± std) | min – max | s/step (median) | LM parameters (+ head, projectors) |",
+             "|---|---|---|---|---|"]
     for name, row in result["table"].items():
+        params = (f"{row['params_lm'] / 1e6:.2f}M (+{(row['params'] - row['params_lm']) / 1e6:.2f}M)"
+                  if row.get("params_lm") else "")
         lines.append(f"| student, {name} | {row['mean']:.4f} ± {row['std']:.4f} | "
-                     f"{row['min']:.4f} – {row['max']:.4f} | {row['step_seconds']:.2f} |")
-    lines.append(f"| student before training | {result['before_mean']:.4f} | | |")
-    lines.append(f"| teacher, token level | {teacher['token_bpb']:.4f} | | |")
+                     f"{row['min']:.4f} – {row['max']:.4f} | {row['step_seconds']:.2f} | {params} |")
+    lines.append(f"| student before training | {result['before_mean']:.4f} | | | |")
+    lines.append(f"| teacher, token level | {teacher['token_bpb']:.4f} | | | |")
     for m, v in teacher["byte_bpb"].items():
-        lines.append(f"| teacher, byte level ({m}); gap | {v:.4f}; {teacher['gap'][m]:+.4f} | | |")
+        lines.append(f"| teacher, byte level ({m}); gap | {v:.4f}; {teacher['gap'][m]:+.4f} | | | |")
     gains = result.get("gains", {})
     if gains:
         lines.append("")
@@ -362,7 +411,8 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.2, 1]})
-    colors = {"ce": "tab:gray", "uld": "tab:orange", "bld_linear": "tab:blue", "bld_causal": "tab:green"}
+    colors = {"ce": "tab:gray", "uld": "tab:orange", "bld_linear": "tab:blue", "bld_causal": "tab:green",
+              "mined": "tab:red", "dskd": "tab:pink", "alm": "tab:olive", "token_kd": "black"}
     conversion_colors = {"cover": "tab:green", "exact": "tab:purple", "within_token": "tab:brown"}
     t = result["teacher"]
     a = result["args"]
@@ -428,11 +478,13 @@ def main(argv=None):
     teacher.requires_grad_(False)
     teacher.eval()
     sides = setup_tokenizers(recipe, teacher.config.get_text_config().vocab_size)
-    pair = PairTokenizer(sides.teacher_vocab, sides.student_vocab)
+    pairs = {False: PairTokenizer(sides.teacher_vocab, sides.student_vocab),
+             True: PairTokenizer(sides.teacher_vocab, sides.teacher_vocab)}  # the token_kd ceiling
+    bos = {False: sides.student_bos, True: sides.teacher_bos}
     K = recipe.student.K
 
-    def batches(windows, size):
-        return [collate([pair(w) for w in windows[i:i + size]], K, sides.teacher_bos, sides.student_bos)
+    def batches(windows, size, same=False):
+        return [collate([pairs[same](w) for w in windows[i:i + size]], K, sides.teacher_bos, bos[same])
                 for i in range(0, len(windows), size)]
 
     train_docs, val_windows = train_and_val(wb, args.val_work, args.val_windows)
@@ -440,18 +492,20 @@ def main(argv=None):
         eval_windows, eval_set = heldout_set(wb, args.eval_windows), "held-out works (hamlet, tempest, twelfth_night)"
     else:
         eval_windows, eval_set = val_windows, f"validation (end of training work {args.val_work})"
-    eval_batches = batches(eval_windows, 16)
+    eval_batches = {False: batches(eval_windows, 16)}
+    if any(parse_variant(v)[0] == "token_kd" for v in variants):
+        eval_batches[True] = batches(eval_windows, 16, same=True)
     print(f"eval on {eval_set}: {len(eval_windows)} windows", flush=True)
 
     t0 = time.perf_counter()
     modes = [m.strip() for m in args.teacher_conversions.split(",") if m.strip()]
-    teacher_result = eval_teacher(teacher, sides, eval_batches, modes, distill.exact_chunk_tokens)
+    teacher_result = eval_teacher(teacher, sides, eval_batches[False], modes, distill.exact_chunk_tokens)
     print(f"teacher: token BPB {teacher_result['token_bpb']:.4f}; byte BPB "
           + ", ".join(f"{m} {v:.4f} (gap {teacher_result['gap'][m]:+.4f})" for m, v in teacher_result["byte_bpb"].items())
           + f" [{time.perf_counter() - t0:.1f} s]", flush=True)
 
-    def make_batch(windows):
-        return collate([pair(w) for w in windows], K, sides.teacher_bos, sides.student_bos)
+    def make_batch(windows, same=False):
+        return collate([pairs[same](w) for w in windows], K, sides.teacher_bos, bos[same])
 
     runs = []
     for seed in seeds:

@@ -119,11 +119,14 @@ class DataConfig:
 @dataclass
 class DistillConfig:
     """The loss."""
-    method: str = _choice("bld", ("ce", "token_kd", "uld", "bld"),
+    method: str = _choice("bld", ("ce", "token_kd", "uld", "mined", "dskd", "alm", "bld"),
                           "ce: student alone; token_kd: token KL (same tokenizer); uld: sorted-probability L1; "
+                          "mined: edit-distance token and vocabulary alignment (FuseLLM); dskd: dual-space KD "
+                          "with cross-model attention; alm: approximate likelihood matching of chunks; "
                           "bld: byte-level distillation")
     lambda_b: float = _opt(1.0, "bld: weight of the byte head's cross-entropy")
     lambda_kl: float = _opt(0.1, "weight of the teacher term (divergence, KL or L1) added to the token CE")
+    top_k: int = _opt(10, "mined: the teacher's most probable tokens per position mapped to student tokens")
     divergence: str = _choice("forward_kl", ("forward_kl", "reverse_kl", "jsd", "tvd"),
                               "bld: divergence D(q || p_head) between teacher and byte-head distributions")
     beta: float = _opt(0.5, "divergence jsd: mixing weight")

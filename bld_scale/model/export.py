@@ -102,7 +102,11 @@ def load_full_state(student: Student, state: dict, where: str = "checkpoint", as
     """Load a whole-model state dict (a tied lm_head may be absent: it is the embedding).
 
     `assign=True`: the student keeps `state`'s tensors themselves (no copy; see `student_holding`).
+    DSKD's projectors (`projectors.*`, training machinery) are left out when `student` has none:
+    the exported student is the LM and its byte head.
     """
+    if student.projectors is None:
+        state = {k: v for k, v in state.items() if not k.startswith("projectors.")}
     missing, unexpected = student.load_state_dict(state, strict=False, assign=assign)
     ties = student.lm.config.get_text_config().tie_word_embeddings
     tied = {k for k in missing if ties and k.endswith("lm_head.weight")}

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from bld_scale.config import flash_attention_problem
 from bld_scale.model.heads import ByteHead, build_byte_head, load_byte_head, save_byte_head
+from bld_scale.model.projectors import DualSpaceProjectors
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -46,15 +47,20 @@ def pick_attn_implementation(requested: str = "auto") -> str:
 
 
 class Student(nn.Module):
-    """A causal LM (``self.lm``) and a byte head (``self.byte_head``) reading its last hidden state."""
+    """A causal LM (``self.lm``) and a byte head (``self.byte_head``) reading its last hidden state.
 
-    def __init__(self, lm: PreTrainedModel, byte_head: ByteHead):
+    ``projectors``: DSKD's trainable projectors (``distill.method: dskd``), a submodule like the
+    head so the optimizer and checkpoints hold them; None otherwise. Export leaves them out.
+    """
+
+    def __init__(self, lm: PreTrainedModel, byte_head: ByteHead, projectors: DualSpaceProjectors | None = None):
         super().__init__()
         hidden_size = lm.config.get_text_config().hidden_size
         if byte_head.hidden_size != hidden_size:
             raise ValueError(f"byte head hidden size {byte_head.hidden_size} != model's {hidden_size}")
         self.lm = lm
         self.byte_head = byte_head
+        self.projectors = projectors
 
     @property
     def config(self) -> PretrainedConfig:
@@ -66,11 +72,12 @@ class Student(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prev_bytes: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **lm_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+                return_hidden: bool = False, **lm_kwargs) -> tuple[torch.Tensor, ...]:
         """Token logits [B,J,V] and byte logits [B,J,K,257] for every position.
 
         ``prev_bytes [B,J,K]``: the true bytes of the token each position predicts (-100 masked);
-        the linear head ignores it (may be None), the causal head needs it. ``position_ids``
+        the linear head ignores it (may be None), the causal head needs it. ``return_hidden``:
+        also return the last hidden state ``[B,J,H]`` (third). ``position_ids``
         restarting at 0 with ``attention_mask=None`` mark packed sequences (``bld_scale.data.packing``):
         attention stays inside each.
         """
@@ -86,6 +93,8 @@ class Student(nn.Module):
                           use_cache=False, **lm_kwargs)
         finally:
             handle.remove()
+        if return_hidden:
+            return out.logits, self.byte_head(captured["hidden"], prev_bytes), captured["hidden"]
         return out.logits, self.byte_head(captured["hidden"], prev_bytes)
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -103,13 +112,16 @@ def _as_config(model_config: dict | PretrainedConfig) -> PretrainedConfig:
 
 def build_student(model_config: dict | PretrainedConfig | None = None, head_kind: str = "linear",
                   K: int = 10, attn_implementation: str = "auto", head_size: dict | None = None,
-                  dtype: torch.dtype | None = None, pretrained: str | os.PathLike | None = None) -> Student:
+                  dtype: torch.dtype | None = None, pretrained: str | os.PathLike | None = None,
+                  teacher_hidden_size: int | None = None) -> Student:
     """A student with freshly initialised byte head.
 
     The LM is randomly initialised from ``model_config`` (a config object or a dict with
     ``model_type``), or, when ``pretrained`` names a local Hugging Face model folder, loaded from it
     (``model_config`` then ignored). ``head_size``: options of the head kind (causal: width, layers,
-    heads, mlp_ratio, dropout). ``dtype`` applies to both LM and head.
+    heads, mlp_ratio, dropout). ``dtype`` applies to both LM and head. ``teacher_hidden_size``
+    given: DSKD's projectors too (built after the head, so the body and head draw the same random
+    numbers with or without them).
     """
     impl = pick_attn_implementation(attn_implementation)
     if pretrained is not None:
@@ -121,7 +133,12 @@ def build_student(model_config: dict | PretrainedConfig | None = None, head_kind
         lm = AutoModelForCausalLM.from_config(_as_config(model_config), attn_implementation=impl, **kwargs)
     head = build_byte_head(head_kind, lm.config.get_text_config().hidden_size, K, **(head_size or {}))
     head.to(device=lm.device, dtype=lm.dtype)  # same precision as the LM it extends
-    return Student(lm, head)
+    projectors = None
+    if teacher_hidden_size is not None:
+        width = lm.config.get_text_config().hidden_size
+        projectors = DualSpaceProjectors(width, lm.get_input_embeddings().embedding_dim, teacher_hidden_size,
+                                         teacher_hidden_size).to(device=lm.device, dtype=lm.dtype)
+    return Student(lm, head, projectors)
 
 
 def save_student(student: Student, folder: str | os.PathLike) -> None:

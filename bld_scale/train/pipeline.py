@@ -83,7 +83,7 @@ class Pipeline(HeldOutEvaluation):
         # loaded for every method (even `ce` reports the teacher's held-out BPB), unless targets come from a cache
         self.teacher = None if self.teacher_cache is not None else \
             setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
-        student = setup_student(recipe, len(self.sides.student_tok))
+        student = setup_student(recipe, len(self.sides.student_tok), teacher_config)
         self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
                  f"({recipe.student.head} byte head, K={recipe.student.K}); world size {self.world}")
@@ -153,7 +153,8 @@ class Pipeline(HeldOutEvaluation):
                   teacher_model=self.teacher, agree_forwards=self._agree_forwards)
         if self.layout.sp_size == 1:
             forward = self._teacher_forward if self.teacher is not None else None
-            return distill_step(forward, self.student, batch, self.recipe.distill, teacher_targets=cached, **kw)
+            return distill_step(forward, self.student, batch, self.recipe.distill, teacher_targets=cached,
+                                student_vocab=self.sides.student_vocab, **kw)
         return sequence_parallel_step(self._teacher_forward, self.student, batch, self.recipe.distill,
                                       self.layout.sequence_group(), self.layout.group_sum,
                                       plain_attention=plain_attention, **kw)

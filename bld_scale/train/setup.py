@@ -117,7 +117,8 @@ def student_config_dict(recipe: Recipe) -> dict:
     return dict(config)
 
 
-def setup_student(recipe: Recipe, vocab_size: int):
+def setup_student(recipe: Recipe, vocab_size: int, teacher_config=None):
+    """The recipe's student; `distill.method: dskd` adds its projectors, sized by `teacher_config`."""
     s = recipe.student
     config = student_config_dict(recipe)
     if config.get("vocab_size") not in (None, vocab_size):
@@ -128,8 +129,13 @@ def setup_student(recipe: Recipe, vocab_size: int):
     head_size = {}
     if s.head == "causal":
         head_size = {"width": s.head_hidden_size or config.get("hidden_size"), "layers": s.head_num_layers}
+    teacher_hidden = None
+    if recipe.distill.method == "dskd":
+        if teacher_config is None:
+            raise ValueError("distill.method dskd sizes its projectors by the teacher: pass teacher_config")
+        teacher_hidden = teacher_config.get_text_config().hidden_size
     return build_student(config, head_kind=s.head, K=s.K, attn_implementation=student_attention(recipe),
-                         head_size=head_size)
+                         head_size=head_size, teacher_hidden_size=teacher_hidden)
 
 
 def student_attention(recipe: Recipe) -> str:

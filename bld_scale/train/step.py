@@ -15,6 +15,12 @@ Methods (`distill.method`), each weighted by `lambda_kl` on top of the student's
   Knowledge in a Neural Network"); same tokenizer only.
 - `uld`: Universal Logit Distillation (Boizard et al. 2024): L1 between sorted probability
   vectors, at positions where both models predict a token starting at the same byte offset.
+- `mined`: MinED (Wan et al. 2024, FuseLLM): KL to the teacher's top-k mapped to student tokens
+  by edit distance, at positions aligned by edit distance (`train.baselines.mined`).
+- `dskd`: DSKD with cross-model attention (Zhang et al. 2024): KL in the student's and the
+  teacher's spaces through trainable projectors, plus their own CE (`train.baselines.dskd`).
+- `alm`: ALM (Minixhofer et al. 2025): binarised KL between the two models' likelihoods of
+  chunks that both tokenizations delimit (`train.baselines.alm`).
 - `bld`: byte-level distillation (Singh et al. 2026): `CE + lambda_b * CE(bytes) + lambda_kl *
   D(q || p_head)` with `q` the teacher's next-byte distributions (`bld_scale.convert`).
 """
@@ -28,12 +34,17 @@ import torch
 from bld_scale.config import DistillConfig
 from bld_scale.convert.dispatch import TeacherForward, teacher_byte_targets, teacher_token_logprobs
 from bld_scale.data.batch import DistillBatch
+from bld_scale.train.baselines.terms import alm_term, dskd_term, mined_term, teacher_hidden_and_logprobs
 from bld_scale.train.losses import bld_loss, gather_teacher_rows, token_ce, token_kd_loss, uld_loss
 from bld_scale.tokenize.token_bytes import TokenBytes
 
 # The recipe's choices for distill.method (checked when a recipe loads; again here for a
 # DistillConfig built in code).
 METHODS = next(f.metadata["choices"] for f in dataclasses.fields(DistillConfig) if f.name == "method")
+
+
+# Baselines that align each window's two token sequences themselves: padded batches only.
+ALIGNING_METHODS = ("mined", "dskd", "alm")
 
 
 def check_same_tokenizer(teacher: TokenBytes, student: TokenBytes) -> None:
@@ -91,7 +102,9 @@ def same_token_teacher_rows(logprobs: torch.Tensor, batch: DistillBatch) -> torc
 def distill_step(teacher_forward: TeacherForward | None, student, batch: DistillBatch, cfg: DistillConfig, *,
                  teacher_vocab: TokenBytes | None = None, teacher_eos_id: int | None = None, teacher_model=None,
                  agree_forwards: Callable[[int], int] | None = None,
-                 teacher_targets: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 teacher_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 student_vocab: TokenBytes | None = None, teacher_hidden: torch.Tensor | None = None,
+                 byte_targets_cache: dict | None = None):
     """Loss of one batch and the logs of each term (detached).
 
     `cfg` is the recipe's `distill` section (method, weights, divergence, conversion).
@@ -102,15 +115,25 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     `bld_scale.convert.exact.exact_byte_targets`). `teacher_targets`: method `bld`'s byte targets
     `(byte_logprobs, mask)` already made, in the layout `teacher_byte_targets` gives (e.g. read from
     a teacher cache, `bld_scale.cache`, whose truncated rows decode to proper distributions: the
-    stored top-k in place, the remaining mass spread over the other outcomes by the cache's tail
-    profile, `bld_scale.cache.rows`); the teacher is then neither called nor needed. Returns `(loss, logs)`; logs hold `loss`,
-    `loss_ce`, and per method `loss_byte_ce`, `loss_kl`, `loss_uld` or `loss_kd`, plus `tokens`
-    and `bytes` counted in the batch.
+    stored values in place, the remaining mass spread over the other outcomes by the cache's tail
+    profile, `bld_scale.cache.rows`); the teacher is then neither called nor needed.
+    `student_vocab` (the student tokenizer's `TokenBytes`) gives `mined` its token strings. `dskd`
+    reads the teacher's last hidden states (`teacher_hidden`, else one forward of `teacher_model`
+    that returns them) and its embeddings and head from `teacher_model`. `byte_targets_cache`: a
+    dict shared by calls on the SAME batch and teacher (a tool comparing students in lockstep), so
+    `bld` converts once per conversion rule. Returns `(loss, logs)`; logs hold `loss`, `loss_ce`,
+    and per method `loss_byte_ce`, `loss_kl`, `loss_uld`, `loss_kd`, `loss_mined`, `loss_alm` or
+    `loss_kd_student`, `loss_kd_teacher`, `loss_ce_t2s`, `t2s_accuracy`, plus `tokens` and `bytes`
+    counted in the batch (tensors: see below).
     """
     if cfg.method not in METHODS:
         raise ValueError(f"unknown distill.method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     method = cfg.method
-    token_logits, byte_logits = student(**batch.student_inputs(), prev_bytes=batch.byte_targets)
+    if method in ALIGNING_METHODS and batch.packing is not None:
+        raise ValueError(f"distill.method {method!r} aligns padded windows; set data.pack: false")
+    hidden_wanted = {"return_hidden": True} if method == "dskd" else {}
+    token_logits, byte_logits, *hidden = student(**batch.student_inputs(), prev_bytes=batch.byte_targets,
+                                                 **hidden_wanted)
     # tensors, not floats: reading them here would stop the host for the device every micro-batch;
     # the pipeline's LogWindow sums them where they are and reads them once per logged step
     counts = {"tokens": (batch.student_labels != -100).sum(), "bytes": batch.n_text_bytes.sum()}
@@ -126,19 +149,37 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
             q, q_mask = teacher_targets
         elif teacher_vocab is None:
             raise ValueError("method 'bld' needs the teacher's TokenBytes for the conversion")
+        elif byte_targets_cache is not None and cfg.conversion in byte_targets_cache:
+            q, q_mask = byte_targets_cache[cfg.conversion]
         else:
             q, q_mask, _ = teacher_byte_targets(batch, teacher_vocab, conversion=cfg.conversion,
                                                 teacher_forward=teacher_forward, teacher_model=teacher_model,
                                                 eos_id=teacher_eos_id, exact_chunk_tokens=cfg.exact_chunk_tokens,
                                                 agree_forwards=agree_forwards, backend=cfg.conversion_backend)
+            if byte_targets_cache is not None:
+                byte_targets_cache[cfg.conversion] = (q, q_mask)
         rows, row_mask = gather_teacher_rows(q, batch.teacher_rows, q_mask)
         loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
                               rows, row_mask, lambda_b=cfg.lambda_b, lambda_kl=cfg.lambda_kl,
                               divergence=cfg.divergence, beta=cfg.beta,
                               temperature=cfg.temperature)
         return loss, {**{k: v.detach() for k, v in logs.items()}, "loss": loss.detach(), **counts}
-    logprobs = teacher_token_logprobs(teacher_forward, batch)
+    if method == "dskd" and teacher_hidden is None:
+        teacher_hidden, logprobs = teacher_hidden_and_logprobs(teacher_model, batch)
+    else:
+        logprobs = teacher_token_logprobs(teacher_forward, batch)
     ce = token_ce(token_logits, batch.student_labels)
+    if method in ("mined", "alm"):
+        term = (mined_term(batch, token_logits, logprobs, teacher_vocab, student_vocab, cfg) if method == "mined"
+                else alm_term(batch, token_logits, logprobs, cfg))
+        loss = ce + cfg.lambda_kl * term
+        return loss, {"loss": loss.detach(), "loss_ce": ce.detach(), f"loss_{method}": term.detach(), **counts}
+    if method == "dskd":
+        t = dskd_term(batch, student, token_logits, hidden[0], teacher_model, teacher_hidden, logprobs, cfg)
+        # CE_t2s trains the projectors alone (student inputs detached): weight 1, no trade-off
+        loss = ce + t["ce_t2s"] + cfg.lambda_kl * (t["kd_student"] + t["kd_teacher"])
+        return loss, {"loss": loss.detach(), "loss_ce": ce.detach(), **counts,
+                      **{f"loss_{k}" if k != "t2s_accuracy" else k: v.detach() for k, v in t.items()}}
     if method == "token_kd":
         mask = batch.student_labels != -100
         kd = token_kd_loss(token_logits, same_token_teacher_rows(logprobs, batch), mask,

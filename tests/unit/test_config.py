@@ -77,7 +77,7 @@ def test_wrong_types(tmp_path, raw, words):
 
 
 @pytest.mark.parametrize("key, value, choices", [
-    ("distill.method", "bldd", "ce, token_kd, uld, bld"),
+    ("distill.method", "bldd", "ce, token_kd, uld, mined, dskd, alm, bld"),
     ("distill.divergence", "kl", "forward_kl, reverse_kl, jsd, tvd"),
     ("distill.conversion", "covers", "cover, within_token, exact"),
     ("student.head", "mlp", "linear, causal"),

@@ -224,3 +224,65 @@ def test_bld_from_given_byte_targets_needs_no_teacher(tiny_pair):
     assert torch.equal(given, online) and logs["loss_kl"] > 0
     with pytest.raises(ValueError, match="only method 'bld'"):
         distill_step(None, student, batch, DistillConfig(method="uld"), teacher_targets=(q, mask))
+
+
+@pytest.mark.parametrize("method", ["mined", "alm", "dskd"])
+def test_each_baseline_trains_the_student_and_its_projectors(tiny_pair, method):
+    """One step of each cross-tokenizer baseline: finite loss, gradients in the body (and in DSKD's
+    projectors, which the optimizer sees and the state dict saves)."""
+    from bld_scale.parallel.engines import param_groups
+
+    teacher, t_vocab, s_vocab, batch = tiny_pair
+    torch.manual_seed(1)
+    student = build_student(dict(model_type="llama", vocab_size=s_vocab.vocab_size, hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2), head_kind="linear", K=6,
+                            teacher_hidden_size=32 if method == "dskd" else None)
+    loss, logs = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method=method),
+                              teacher_vocab=t_vocab, student_vocab=s_vocab, teacher_model=teacher)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.lm.parameters() if p.grad is not None)
+    assert student.lm.get_input_embeddings().weight.grad.abs().sum() > 0
+    expected = {"mined": {"loss_mined"}, "alm": {"loss_alm"},
+                "dskd": {"loss_kd_student", "loss_kd_teacher", "loss_ce_t2s", "t2s_accuracy"}}[method]
+    assert expected | {"loss_ce"} <= set(logs)
+    if method == "dskd":
+        projector_params = list(student.projectors.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector_params)
+        in_optimizer = {id(p) for group in param_groups(student, 0.1) for p in group["params"]}
+        assert {id(p) for p in projector_params} <= in_optimizer
+        assert any(k.startswith("projectors.") for k in student.state_dict())
+    else:
+        assert student.projectors is None
+
+
+def test_baselines_refuse_packed_batches(tiny_pair):
+    from bld_scale.data.packing import pack
+
+    teacher, t_vocab, s_vocab, _ = tiny_pair
+    pair = PairTokenizer(t_vocab, s_vocab)
+    packed = pack([pair("to be or not to be"), pair("that is the question")], K=6, teacher_bos=0, student_bos=1)
+    student = _student(s_vocab, head="linear")
+    for method in ("mined", "alm", "dskd"):
+        with pytest.raises(ValueError, match="data.pack: false"):
+            distill_step(_teacher_fn(teacher), student, packed, DistillConfig(method=method),
+                         teacher_vocab=t_vocab, student_vocab=s_vocab, teacher_model=teacher,
+                         teacher_hidden=torch.zeros(1))
+
+
+def test_a_shared_byte_targets_cache_gives_the_same_loss(tiny_pair):
+    teacher, t_vocab, s_vocab, batch = tiny_pair
+    student = _student(s_vocab, head="linear")
+    plain, _ = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab)
+    cache: dict = {}
+    first, _ = distill_step(_teacher_fn(teacher), student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab,
+                            byte_targets_cache=cache)
+    assert set(cache) == {"cover"}
+
+    def no_teacher(ids, mask):
+        raise AssertionError("the cached targets should have been used")
+
+    second, _ = distill_step(no_teacher, student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab,
+                             byte_targets_cache=cache)
+    assert float(plain) == float(first) == float(second)

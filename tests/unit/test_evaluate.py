@@ -102,5 +102,5 @@ def test_student_sums_against_a_loop():
 
 
 def test_distill_step_refuses_an_unknown_method():
-    with pytest.raises(ValueError, match="unknown distill.method 'kd'; choose one of ce, token_kd, uld, bld"):
+    with pytest.raises(ValueError, match="unknown distill.method 'kd'; choose one of ce, token_kd, uld, mined, dskd, alm, bld"):
         distill_step(None, None, None, DistillConfig(method="kd"))

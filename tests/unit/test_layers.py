@@ -4,7 +4,7 @@ Every import statement counts, wherever it is (module top, inside a function, un
 TYPE_CHECKING): a lazy import is still a dependency. Layers as in the project's rules (lower
 never imports higher; a module may import its own layer):
 
-    config, tokenize -> data -> convert -> model -> evaluate, train.losses, train.step
+    config, tokenize -> data -> convert -> model -> evaluate, train.losses, train.step, train.baselines
       -> parallel, checkpoint, cache -> train.pipeline (and the rest of train/)
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ LAYERS = {
     "bld_scale.evaluate": 4,
     "bld_scale.train.losses": 4,
     "bld_scale.train.step": 4,
+    "bld_scale.train.baselines": 4,
     "bld_scale.parallel": 5,
     "bld_scale.checkpoint": 5,
     "bld_scale.cache": 5,

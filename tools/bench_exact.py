@@ -1,7 +1,10 @@
 """Figures for mode "exact" (issue 7): cost over one teacher forward, agreement with a brute force,
 and the divergence between exact, cover and within_token on the demo teacher.
 
-    python tools/bench_exact.py [--snippets 6] [--bytes 1000] [--threads 2] [--repeat 3]
+    python tools/bench_exact.py [--snippets 6] [--bytes 1000] [--threads 2] [--repeat 3] [--recipe RECIPE]
+
+`--recipe` takes the teacher of a recipe instead of the demo's (a `.gguf` or `package:` path is
+converted once, as the pipeline does), e.g. the SmolLM2-135M of `launch/recipes/smollm2_to_student.yaml`.
 
 1. Cost: for held-out snippets, wall time of one teacher forward over [BOS] + tokens (the pass
    `cover` needs anyway) against the extra work of `exact` (prefix encodings, the tree-masked
@@ -49,10 +52,22 @@ def byte_bpb(q: torch.Tensor, data: bytes) -> float:
     return float(-rows.sum() / (len(data) * math.log(2)))
 
 
-def load_teacher():
+def load_teacher(recipe_path: str | None = None):
     from transformers import AutoTokenizer
 
     from bld_scale.demo import TEACHER_DIR, load_demo_teacher
+
+    if recipe_path:
+        from transformers import AutoModelForCausalLM
+
+        from bld_scale.config import load_recipe
+        from bld_scale.train.setup import teacher_section
+
+        recipe = load_recipe(recipe_path, [])
+        folder = teacher_section(recipe).path
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or folder)
+        return model, tok, f"{recipe.teacher.path} (recipe {recipe_path})"
 
     try:
         model, tok = load_demo_teacher()
@@ -77,7 +92,7 @@ def timed(fn, repeat):
 
 
 def bench_teacher(args):
-    model, tok, label = load_teacher()
+    model, tok, label = load_teacher(args.recipe)
     vocab = TokenBytes.from_tokenizer(tok, vocab_size=model.config.vocab_size)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     eos = tok.eos_token_id
@@ -137,7 +152,7 @@ def text_snippets(count: int, size: int) -> list[str]:
 
 
 def bench_bigram(args):
-    model, tok, label = load_teacher()
+    model, tok, label = load_teacher(args.recipe)
     vocab = TokenBytes.from_tokenizer(tok, vocab_size=model.config.vocab_size)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     texts_of = [_text_or_none(b) for b in vocab.all_token_bytes()]
@@ -225,6 +240,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-brute-force", action="store_true")
     parser.add_argument("--bigram", action="store_true", help="only the bigram-test figures (section 4)")
+    parser.add_argument("--recipe", default=None, help="use this recipe's teacher (default: the demo teacher)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.bigram:

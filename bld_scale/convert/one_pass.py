@@ -104,17 +104,15 @@ def one_pass_texts(rows: torch.Tensor, texts: Sequence[tuple[int, Sequence[int]]
 
     # log P(t_<k) of every text, k = 0..L_b, at its rows' places (rows of no text: -inf)
     l_max = max(lengths, default=0)
-    token_row = torch.as_tensor(np.asarray([f + k for f, n in zip(first, lengths) for k in range(n)],
-                                           dtype=np.int64), device=device)
-    token_id = torch.as_tensor(np.asarray([int(t) for _, ids in texts for t in ids], dtype=np.int64), device=device)
+    token_row = torch.as_tensor(_row_ranges(first, lengths), device=device)
+    token_id = torch.as_tensor(np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids in texts]), device=device)
     canon = torch.zeros((len(texts), l_max), dtype=torch.float64, device=device)
     position = np.arange(l_max + 1)[None, :]
     canon[torch.as_tensor(position[:, :-1] < np.asarray(lengths)[:, None], device=device)] = \
         gather_logprobs(rows, token_row, token_id, log_normaliser)
     prefix = torch.cat([canon.new_zeros(len(texts), 1), torch.cumsum(canon, 1)], dim=1)
     log_prefix = torch.full((rows.shape[0],), -math.inf, dtype=torch.float64, device=device)
-    prefix_row = torch.as_tensor(np.asarray([f + k for f, n in zip(first, lengths) for k in range(n + 1)],
-                                            dtype=np.int64), device=device)
+    prefix_row = torch.as_tensor(_row_ranges(first, [n + 1 for n in lengths]), device=device)
     log_prefix[prefix_row] = prefix[torch.as_tensor(position <= np.asarray(lengths)[:, None], device=device)]
 
     if eos_id is not None and token_row.numel():  # EOT at canonical boundaries n = s_k
@@ -134,3 +132,8 @@ def one_pass_texts(rows: torch.Tensor, texts: Sequence[tuple[int, Sequence[int]]
                         log_normaliser=log_normaliser)
     out = normalise_rows(out)
     return [out[int(a):int(b)] for a, b in zip(out_offsets[:-1], out_offsets[1:])]
+
+
+def _row_ranges(first: list[int], counts: list[int]) -> np.ndarray:
+    """`first[i] + 0..counts[i]-1` for every text, end to end (int64)."""
+    return np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in zip(first, counts)])

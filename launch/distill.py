@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     stop = install_stop_handlers()
     # light: no transformers, no models
-    from bld_scale.config import recipe_keys_help, recipe_yaml, validate_attention, validate_paths
+    from bld_scale.config import recipe_keys_help, recipe_yaml, validate_attention, validate_liger, validate_paths
 
     parser = argparse.ArgumentParser(description=__doc__, epilog=recipe_keys_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
             try:
                 validate_paths(recipe)
                 validate_attention(recipe)
+                validate_liger(recipe)
             except RecipeError as err:
                 print(f"bld_scale: note: this recipe would not run on this machine: {err}", file=sys.stderr)
         return 0

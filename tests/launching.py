@@ -1,7 +1,9 @@
 """Helpers for tests that launch the pipeline as real processes (torchrun, deepspeed)."""
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +25,27 @@ def rank_env() -> dict:
     return env
 
 
-def torchrun(n: int, *args) -> list[str]:
+def torchrun(n: int, *args, script: Path = DISTILL) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), str(DISTILL), *args]
+            "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+
+
+def run_launch(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` in the repository with rank_env(), whose
+    timeout ends the whole process group: the launcher *and* its ranks. (subprocess.run kills only
+    the launcher; its ranks live on, hold cores and ports, and turn one hung test into a suite of
+    timeouts.) On a timeout the test fails with the output so far."""
+    import pytest
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def records(out: Path, kind: str = "train") -> list[dict]:

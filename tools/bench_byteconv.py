@@ -13,6 +13,8 @@ length L it prints, all measured in the same run:
   (it must come out near 1.0x: its output is a copy of the logits); on CUDA
   `torch.cuda.max_memory_allocated` over `memory_allocated` before the call;
 * positions (teacher tokens) per second and text bytes per second;
+* the torch operators and Triton kernel launches of one call (`count_launches`: each torch
+  operator is at least one kernel launch or copy on a GPU);
 * the same for the batched form `byte_logprobs_batch` on `[B, L + 1, V]`;
 * the fused path (what training runs: raw logits in, each row's log-normaliser computed by the
   backend, no log-softmax written), single and batched, as a ratio to the same `log_softmax`
@@ -35,7 +37,8 @@ alternative gather), i.e. what a teacher whose head emits logits in sorted-vocab
     python tools/bench_byteconv.py                      # CPU: L = 1024, 4096; batch 2 at L = 1024
     python tools/bench_byteconv.py --presorted --json docs/bench/byteconv_cpu.json
     python tools/bench_byteconv.py --device cuda        # GPU: L = 4096, batch 8 (skips without CUDA)
-    python tools/bench_byteconv.py --device cuda --backend triton   # the Triton running sums
+    python tools/bench_byteconv.py --device cuda --backend triton   # the Triton kernels
+    TRITON_INTERPRET=1 python tools/bench_byteconv.py --count-only --lengths 64 --batch 2   # launches, CPU
 
 Offline. The default CPU run takes about 5 minutes on 2 cores.
 """
@@ -58,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from bld_scale.convert import byte_logprobs, byte_logprobs_batch, one_pass
+from bld_scale.convert import byte_logprobs, byte_logprobs_batch, running_sums
 from bld_scale.convert.backends import log_normaliser_function
 from bld_scale.convert.byte_rows import token_layout
 from bld_scale.convert.one_pass import one_pass_splits
@@ -68,7 +71,8 @@ from bld_scale.tokenize import zoo as tokenizer_zoo
 from bld_scale.tokenize.token_bytes import TokenBytes
 
 # The conversion's own source files, for the profile.
-CONVERT_FILES = ("dispatch.py", "one_pass.py", "byte_rows.py", "running_sums.py", "vocab_index.py")
+CONVERT_FILES = ("dispatch.py", "one_pass.py", "byte_rows.py", "running_sums.py", "backends.py", "triton_sums.py",
+                 "vocab_index.py")
 
 TEKKEN_EOS = 2  # "</s>"
 ZIPF_S = 1.0
@@ -360,6 +364,8 @@ def presorted(lp2: torch.Tensor, vocab: TokenBytes, device, repeats: int) -> dic
             wide[:r, 1:].copy_(values[:r])
             torch.cumsum(wide[:r], dim=1, out=sums[:r])
 
+    sorted_lp = lp2[:, perm].contiguous()  # what a sorted-order head would emit (made untimed)
+
     def no_gather():  # sorted-order logits: exp + float64 cumsum only
         for k0 in range(0, lp2.shape[0], rows):
             r = min(rows, lp2.shape[0] - k0)
@@ -384,12 +390,61 @@ def presorted(lp2: torch.Tensor, vocab: TokenBytes, device, repeats: int) -> dic
     same = bool(torch.equal(ref, alt))
     del ref, alt
     fns = dict(index_select_exp_cumsum=current, exp_cumsum_only=no_gather, index_select_only=gather_only)
-    sorted_lp = lp2[:, perm].contiguous()  # what a sorted-order head would emit (made untimed)
     times = interleaved(fns, repeats, device)
-    del sorted_lp
     return dict(chunk_rows=rows, same_sums=same,
                 median_s={n: statistics.median(t) for n, t in times.items()},
                 times_s=times)
+
+
+# ---------------------------------------------------------------------- launch counts
+def count_launches(fn):
+    """`(result, counts)` of one call `fn()`: `torch_ops`, the torch operators it dispatches that do
+    work (views excluded; on a GPU each is at least one kernel launch or copy), by name in `ops`,
+    and `triton_launches`, the launches of the conversion's Triton kernels (`triton_sums`, when
+    imported), by kernel in `kernels`. Torch operators that a kernel launch itself makes (the
+    interpreter's copies on a CPU) are not counted. Runs on any device, the interpreter included."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops, kernels, inside = collections.Counter(), collections.Counter(), [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and not func.is_view:
+                ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    launchers = {}
+    triton_sums = sys.modules.get("bld_scale.convert.triton_sums")
+    for name, obj in vars(triton_sums).items() if triton_sums else ():
+        if name.endswith("_kernel") and hasattr(obj, "run"):
+            launchers[name] = obj
+
+    def counted(name, run):
+        def launch(*args, **kwargs):
+            kernels[name] += 1
+            inside[0] += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+        return launch
+
+    own = {name: vars(kernel).get("run") for name, kernel in launchers.items()}
+    for name, kernel in launchers.items():
+        kernel.run = counted(name, kernel.run)  # `kernel[grid](...)` calls `kernel.run`
+    try:
+        with Count():
+            result = fn()
+    finally:
+        for name, kernel in launchers.items():
+            if own[name] is None:
+                del kernel.run
+            else:
+                kernel.run = own[name]
+    return result, dict(torch_ops=sum(ops.values()), triton_launches=sum(kernels.values()),
+                        ops=dict(ops.most_common()), kernels=dict(kernels))
 
 
 # ---------------------------------------------------------------------- the benchmark
@@ -409,19 +464,26 @@ def bench_length(vocab, length: int, batch: int, device: str, repeats: int, do_b
           f"{st['bits_per_token']:.2f} bits/token = {st['bits_per_byte']:.2f} bits/byte, mean "
           f"p(canonical) {st['mean_p_canonical']:.2f}, row entropy {st['entropy_nats']:.1f} nats")
 
-    # refinement path taken? (counted outside the timed calls)
-    refine = one_pass.refine_small_masses
+    # refinement path taken? (counted outside the timed calls; both backends refine through
+    # running_sums.scatter_edges, the triton one only for the rows its kernels' totals flag)
+    refine = running_sums.refine_small_masses
     taken = []
-    one_pass.refine_small_masses = lambda *a, **k: taken.append(refine(*a, **k)) or taken[-1]
+    running_sums.refine_small_masses = lambda *a, **k: taken.append(refine(*a, **k)) or taken[-1]
     try:
         out = byte_logprobs(lp[0], windows[0], vocab, eos_id=TEKKEN_EOS, backend=BACKEND)
     finally:
-        one_pass.refine_small_masses = refine
+        running_sums.refine_small_masses = refine
     res["refined"] = bool(any(taken))
     res["finite_rows"] = float(torch.isfinite(out).any(1).float().mean())
     del out
 
     ops = _ops(lp, windows, vocab)
+    # operators and kernel launches of one call (outside the timed calls)
+    res["launches"] = {name: count_launches(ops[name])[1] for name in
+                       ("byte_logprobs", "byte_logprobs_fused") + (("byte_logprobs_batch",
+                                                                    "byte_logprobs_batch_fused") if do_batch else ())}
+    print("  launches per call: " + "; ".join(f"{name} {c['torch_ops']} torch ops + {c['triton_launches']} "
+                                              f"triton" for name, c in res["launches"].items()))
     times = interleaved({k: ops[k] for k in ("byte_logprobs", "byte_logprobs_fused", "log_softmax")}, repeats,
                         device)
     single = dict(byte_logprobs_s=statistics.median(times["byte_logprobs"]),
@@ -498,6 +560,10 @@ def main(argv=None) -> None:
                         help="also time the running sums without the sorted-vocabulary gather")
     parser.add_argument("--backend", default="torch", choices=("auto", "torch", "triton"),
                         help="conversion backend of byte_logprobs (triton: CUDA, or CPU under TRITON_INTERPRET=1)")
+    parser.add_argument("--count-only", action="store_true",
+                        help="only count the torch operators and Triton launches of one batched call per backend "
+                             "(torch and triton; on a CPU under TRITON_INTERPRET=1, set here if triton is not yet "
+                             "imported), at the first of --lengths and --batch")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -506,11 +572,45 @@ def main(argv=None) -> None:
         return
     global BACKEND
     BACKEND = args.backend
-    results = run(args)
+    results = run_counts(args) if args.count_only else run(args)
     if args.json and results is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
         print(f"\nwrote {args.json}")
+
+
+def run_counts(args) -> dict:
+    """--count-only: operators and launches of one `byte_logprobs_batch` call (log-probabilities
+    in, and fused from logits) per backend, no timing."""
+    if torch.device(args.device).type == "cpu" and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available here: skipping the counts.")
+        return {"skipped": "CUDA not available"}
+    global BACKEND
+    length = int((args.lengths or "64").split(",")[0])
+    batch = args.batch or 2
+    vocab, _ = load_vocab()
+    windows = load_windows(vocab, length, batch)
+    lp = make_logprobs(windows, vocab.vocab_size, args.device)
+    rows = batch * (length + 1)
+    logits_bytes = lp.numel() * lp.element_size()
+    size = int(vocab.index.perm.size)
+    out = dict(length=length, batch=batch, vocab_size=vocab.vocab_size, device=args.device,
+               chunk_rows=dict(torch=chunk_rows(rows, size, logits_bytes),
+                               triton=chunk_rows(batch * length, size, logits_bytes, entry_bytes=8)))
+    print(f"{vocab.name}: B = {batch}, L = {length}: chunks of {out['chunk_rows']['torch']} rows (torch), "
+          f"{out['chunk_rows']['triton']} rows (triton)")
+    for backend in ("torch", "triton"):
+        BACKEND = backend
+        ops = _ops(lp, windows, vocab)
+        for name in ("byte_logprobs_batch", "byte_logprobs_batch_fused"):
+            _, c = count_launches(ops[name])
+            out[f"{backend}/{name}"] = c
+            print(f"  {backend:<6} {name:<26} {c['torch_ops']:5} torch ops, {c['triton_launches']:4} triton launches "
+                  f"{c['kernels'] or ''}")
+            print(f"         {dict(list(c['ops'].items())[:8])}")
+    return out
 
 
 def run(args) -> dict | None:

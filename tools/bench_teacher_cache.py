@@ -4,16 +4,22 @@
         [--student-steps 0] [--seeds 0,1,2]
 
 1. bytes stored per text byte, for the fixed top-k (k in {2, 4, 8, 16, 32, 257} x {float16, float32})
-   and the adaptive codec (tail mass tau in {0.1, 0.03, 0.01, 0.005, 0.003, 0.001} x {uint8, float16},
-   cap 255; with the mean count of byte values kept): the size of a shard (safetensors, index and
-   window digests included) of the held-out windows' rows, over their bytes;
+   and the adaptive codec (KL per value lam and tail mass tau, each in {uint8, float16}, cap 255;
+   with the mean count of byte values kept): the size of a shard (safetensors, index and window
+   digests included) of the held-out windows' rows, over their bytes, as it is and xz-compressed
+   (as the writer stores it by default);
 2. the KL lost to truncation and quantisation, KL(q || decoded q), on held-out text, in bits per
    text byte (q: the recipe's conversion of the teacher's forward), with the remaining mass spread
    by the tail profile (`bld_scale.cache.rows`; estimated on --profile-windows training windows,
    as a cache of them would) and, for comparison, uniformly;
 3. steps per second of the same training step (`train.step.distill_step`, plain torch, no DeepSpeed)
    with the online teacher (forward + conversion) and from a cache of the default k and dtype;
-4. with --student-steps N: held-out BPB of students trained N steps from the default cache and
+4. what entropy coding could still save: the empirical (plug-in) entropy of the default codec's
+   streams under simple contexts a decoder would have (the text's previous byte, an entry's rank,
+   the row's count), in bytes per text byte: a lower bound for coding them with those contexts;
+5. for comparison, what a token-level cache of the same teacher would store (tokens kept per
+   position to leave 1 % of the mass out), and the default codec's encoding and xz speed;
+6. with --student-steps N: held-out BPB of students trained N steps from the default cache and
    online, one per seed in --seeds (the seed sets the student's initialisation; the windows are the
    recipe's stream, the same for every seed, as the cache holds them).
 """
@@ -27,14 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bld_scale.cache.layout import COMPRESSION, codec_label, shard_bytes, window_index  # noqa: E402
 from bld_scale.cache.reader import TeacherCache  # noqa: E402
-from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_TAIL_MASS, DEFAULT_TOP_K, decode_rows,  # noqa: E402
-                                  encode_rows, tail_prior, tail_sums)
+from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_KL_PER_VALUE, DEFAULT_TAIL_MASS, DEFAULT_TOP_K,  # noqa: E402
+                                  decode_rows, encode_rows, tail_prior, tail_sums)
 from bld_scale.cache.writer import build_cache, teacher_rows  # noqa: E402
 from bld_scale.config import load_recipe  # noqa: E402
 from bld_scale.data.batch import PairTokenizer, collate  # noqa: E402
@@ -46,9 +54,13 @@ from bld_scale.train.step import distill_step  # noqa: E402
 
 KS, DTYPES = (2, 4, 8, 16, 32, 257), ("float16", "float32")
 TAUS, ADAPTIVE_DTYPES, CAP = (0.1, 0.03, 0.01, 0.005, 0.003, 0.001), ("uint8", "float16"), 255
-# (k, dtype, tail mass) of every row of the table: the fixed top-k ones, then the adaptive ones
-CODECS = [(k, dt, 0.0) for k in KS for dt in DTYPES] + [(CAP, dt, tau) for tau in TAUS for dt in ADAPTIVE_DTYPES]
-DEFAULT = (DEFAULT_TOP_K, DEFAULT_DTYPE, DEFAULT_TAIL_MASS)
+LAMS = (0.03, 0.01, 0.005, 0.003, 0.002, 0.001)  # KL per value, bits
+# (k, dtype, tail mass, KL per value) of every row of the table: the fixed top-k ones, then the
+# adaptive ones by tail mass, then by KL per value
+CODECS = ([(k, dt, 0.0, 0.0) for k in KS for dt in DTYPES]
+          + [(CAP, dt, tau, 0.0) for tau in TAUS for dt in ADAPTIVE_DTYPES]
+          + [(CAP, dt, 0.0, lam) for lam in LAMS for dt in ADAPTIVE_DTYPES])
+DEFAULT = (DEFAULT_TOP_K, DEFAULT_DTYPE, DEFAULT_TAIL_MASS, DEFAULT_KL_PER_VALUE)
 
 
 def parse(argv):
@@ -61,16 +73,75 @@ def parse(argv):
     p.add_argument("--batch", type=int, default=4, help="windows per step")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--eval-windows", type=int, default=48)
+    p.add_argument("--plot", default=None, help="write the size-vs-KL plot of the codecs here (PNG)")
     p.add_argument("overrides", nargs="*")
     return p.parse_args(argv)
 
 
-def shard_bytes(rows, texts, stored) -> int:
-    from safetensors.torch import save
+def shard_size(rows, texts, stored, compression=None) -> int:
+    """Bytes of one shard holding these windows' rows, as the writer stores it."""
+    return len(shard_bytes({**window_index(texts, [r.shape[0] for r in rows]), **stored}, compression))
 
-    sizes = torch.tensor([0] + [r.shape[0] for r in rows]).cumsum(0)
-    return len(save({"row_offsets": sizes, "window_sha256": torch.zeros(len(texts), 8, dtype=torch.uint8),
-                     **stored}))
+
+def token_row_counts(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per real teacher position, how many of its most probable tokens a token-level cache would
+    store to leave at most `tau` of the mass out (the tail-mass rule, applied to tokens)."""
+    p = torch.softmax(logits[mask.bool()].double(), dim=-1).sort(dim=-1, descending=True).values
+    return ((1 - p.cumsum(-1)) > tau).sum(-1) + 1
+
+
+def codec_speed(q: torch.Tensor, rows, texts) -> str:
+    """Encoding rows/s with the default codec, and xz on its shard, one CPU thread."""
+    import lzma
+
+    t0 = time.perf_counter()
+    stored = encode_rows(q, *DEFAULT)
+    encode = len(q) / (time.perf_counter() - t0)
+    tensors = {**window_index(texts, [r.shape[0] for r in rows]), **stored}
+    plain = shard_bytes(tensors, None)
+    t0 = time.perf_counter()
+    packed = shard_bytes(tensors, COMPRESSION)
+    compress = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lzma.decompress(packed)
+    decompress = time.perf_counter() - t0
+    return (f"default codec, 1 CPU thread: encoding {encode / 1e3:.0f}k rows/s; xz {len(plain) / compress / 1e6:.1f} MB/s "
+            f"of plain shard ({len(q) / compress / 1e3:.0f}k text bytes/s), decompressing {len(plain) / decompress / 1e6:.0f} "
+            "MB/s")
+
+
+def plot_codecs(points: list[dict], title: str, path: str) -> None:
+    """KL lost against xz-compressed bytes per text byte, one line per row rule, with the issue's goals
+    (8 B per text byte, 0.01 bits per byte) and the default marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    series = {"fixed top-k, float16": "tab:gray", "tail mass, uint8": "tab:orange", "KL per value, uint8": "tab:blue"}
+    for name, color in series.items():
+        pts = sorted((r["xz"], r["kl"], r["label"]) for r in points if r["series"] == name and r["kl"] > 0)
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", color=color, label=name)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+    default = next(r for r in points if r["default"])
+    ax.plot([default["xz"]], [default["kl"]], marker="*", markersize=16, color="tab:red", ls="none",
+            label=f"default ({default['xz']:.1f} B, {default['kl']:.4f} bits)")
+    ax.axvline(8, ls="--", color="black", lw=1)
+    ax.axhline(0.01, ls="--", color="black", lw=1)
+    ax.fill_between([1, 8], 1e-4, 0.01, color="tab:green", alpha=0.08, label="the goal: <= 8 B and <= 0.01 bits")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(4, 120)
+    ax.set_ylim(5e-4, 1)
+    ax.set_xlabel("bytes stored per text byte (xz-compressed shard)")
+    ax.set_ylabel("KL lost, bits per text byte (held-out)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def kl_bits_per_byte(q: torch.Tensor, stored: dict, prior=None) -> float:
@@ -79,6 +150,37 @@ def kl_bits_per_byte(q: torch.Tensor, stored: dict, prior=None) -> float:
     p = q.exp()
     terms = torch.where(p > 0, p * (q - approx), torch.zeros_like(p))
     return float(terms.sum() / (len(q) * math.log(2)))
+
+
+def conditional_entropy_bits(values: np.ndarray, context: np.ndarray | None = None) -> float:
+    """Total plug-in entropy of `values` given `context` (equal-length integer arrays), in bits:
+    sum over contexts of n_c * H(values | c), frequencies counted on these arrays themselves."""
+    values = np.asarray(values, dtype=np.int64)
+    context = np.zeros_like(values) if context is None else np.asarray(context, dtype=np.int64)
+    if values.size == 0:
+        return 0.0
+    pairs, pair_counts = np.unique(np.stack([context, values]), axis=1, return_counts=True)
+    _, ctx_of_pair = np.unique(pairs[0], return_inverse=True)
+    ctx_counts = np.bincount(ctx_of_pair, weights=pair_counts)
+    return float(-(pair_counts * np.log2(pair_counts / ctx_counts[ctx_of_pair])).sum())
+
+
+def entropy_bytes(stored: dict, previous_bytes: np.ndarray) -> dict[str, float]:
+    """Per text byte, the plug-in entropy of each stream of an adaptive (ragged) shard, given contexts
+    a decoder holding the text has: `counts` | previous text byte, `symbols` | rank (ranks >= 15
+    pooled; the previous byte too for ranks 0 and 1), `logprobs` | rank and count, `rest` | count."""
+    counts = stored["counts"].numpy().astype(np.int64)
+    rows = len(counts)
+    row = np.repeat(np.arange(rows), counts)
+    rank = np.minimum(np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts), 15)
+    streams = {
+        "counts": conditional_entropy_bits(counts, previous_bytes),
+        "symbols": conditional_entropy_bits(stored["symbols"].numpy(),
+                                            rank * 256 + np.where(rank < 2, previous_bytes[row], 0)),
+        "logprobs": conditional_entropy_bits(stored["logprobs"].numpy(), rank * 16 + np.minimum(counts[row], 15)),
+        "rest": conditional_entropy_bits(stored["rest"].numpy(), np.minimum(counts, 31)),
+    }
+    return {name: bits / 8 / rows for name, bits in streams.items()}
 
 
 class Trainer:
@@ -156,25 +258,56 @@ def main(argv=None) -> None:
     print(f"held-out: {len(texts)} windows, {n_bytes} text bytes; teacher {recipe.teacher.path}, "
           f"conversion {d.conversion}; EOT mass per row {float(q[:, 256].exp().mean()):.2e}; tail profile "
           f"from {args.profile_windows} training windows")
-    print(f"{'tail mass':>9} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} "
+    print(f"{'row rule':>15} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} {'xz':>6} "
           f"{'KL lost, bits/byte: profile':>28} {'uniform':>9}")
-    for k, dtype, tau in CODECS:
-        prior = tail_prior(tail_sums(q_train, encode_rows(q_train, k, dtype, tau)))
-        stored = encode_rows(q, k, dtype, tau)
+    points = []
+    for k, dtype, tau, lam in CODECS:
+        prior = tail_prior(tail_sums(q_train, encode_rows(q_train, k, dtype, tau, lam)))
+        stored = encode_rows(q, k, dtype, tau, lam)
         mean_k = float(stored["counts"].double().mean()) if "counts" in stored else float(k)
-        mark = "  <- default" if (k, dtype, tau) == DEFAULT else ""
-        print(f"{(f'{tau:g}' if tau else '-'):>9} {(f'<={k}' if tau else str(k)):>4} {dtype:>8} {mean_k:>7.1f} "
-              f"{shard_bytes(rows, texts, stored) / n_bytes:>16.2f} {kl_bits_per_byte(q, stored, prior):>28.5f} "
-              f"{kl_bits_per_byte(q, stored):>9.5f}{mark}", flush=True)
+        mark = "  <- default" if (k, dtype, tau, lam) == DEFAULT else ""
+        rule = f"KL/value {lam:g}" if lam else f"tail mass {tau:g}" if tau else "-"
+        xz, kl = shard_size(rows, texts, stored, COMPRESSION) / n_bytes, kl_bits_per_byte(q, stored, prior)
+        print(f"{rule:>15} {(f'<={k}' if tau or lam else str(k)):>4} {dtype:>8} {mean_k:>7.1f} "
+              f"{shard_size(rows, texts, stored) / n_bytes:>16.2f} {xz:>6.2f} "
+              f"{kl:>28.5f} {kl_bits_per_byte(q, stored):>9.5f}{mark}", flush=True)
+        series = ("KL per value" if lam else "tail mass" if tau else "fixed top-k") + f", {dtype}"
+        points.append({"series": series, "label": f"{lam:g}" if lam else f"{tau:g}" if tau else f"k={k}",
+                       "xz": xz, "kl": kl, "default": bool(mark)})
+    if args.plot:
+        plot_codecs(points, f"teacher cache codecs: {Path(recipe.teacher.path).name}, {n_bytes} held-out text bytes",
+                    args.plot)
+
+    print(codec_speed(q, rows, texts), flush=True)
+    pair_t = PairTokenizer(sides.teacher_vocab, sides.teacher_vocab)
+    with torch.no_grad():
+        counts = torch.cat([token_row_counts(forward(b.teacher_input_ids, b.teacher_attention_mask),
+                                             b.teacher_attention_mask, 0.01)
+                            for b in (collate([pair_t(w) for w in texts[i:i + 8]], 1, sides.teacher_bos,
+                                              sides.teacher_bos) for i in range(0, len(texts), 8))])
+    vocab = teacher.config.get_text_config().vocab_size
+    id_bytes = ((vocab - 1).bit_length() + 7) // 8
+    per_position = 2 + (id_bytes + 1) * float(counts.double().mean())  # count and rest; an id and a code per token
+    print(f"a token-level cache instead (tail mass 0.01 over the teacher's {vocab} tokens): "
+          f"{float(counts.double().mean()):.0f} tokens per position (median {int(counts.median())}), "
+          f"{len(counts) / n_bytes:.2f} positions per text byte: {len(counts) * per_position / n_bytes:.1f} B per text "
+          f"byte with {id_bytes}-byte ids and 1-byte codes, before compression", flush=True)
+
+    previous = np.concatenate([np.frombuffer(b"\0" + t.encode()[:-1], dtype=np.uint8) for t in texts])
+    if len(previous) == n_bytes:  # one row per text byte (always, for the conversions that exist)
+        parts = entropy_bytes(encode_rows(q, *DEFAULT), previous)
+        print(f"entropy of the default codec's streams, bytes per text byte (plug-in, with contexts a decoder "
+              f"has): {', '.join(f'{k} {v:.2f}' for k, v in parts.items())}; total {sum(parts.values()):.2f}: "
+              f"what entropy coding with those contexts could reach at best", flush=True)
 
     pair = PairTokenizer(sides.teacher_vocab, sides.student_vocab)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         with torch.no_grad():
-            build_cache(recipe, tmp, rows_of, top_k=DEFAULT_TOP_K, dtype=DEFAULT_DTYPE, tail_mass=DEFAULT_TAIL_MASS,
-                        max_windows=steps * args.batch, batch_size=8, log=lambda m: None)
-        print(f"cache of {steps * args.batch} training windows (tail mass {DEFAULT_TAIL_MASS:g}, k <= {DEFAULT_TOP_K}, "
-              f"{DEFAULT_DTYPE}) built in "
+            manifest = build_cache(recipe, tmp, rows_of, top_k=DEFAULT_TOP_K, dtype=DEFAULT_DTYPE,
+                                   tail_mass=DEFAULT_TAIL_MASS, kl_per_value=DEFAULT_KL_PER_VALUE,
+                                   max_windows=steps * args.batch, batch_size=8, log=lambda m: None)
+        print(f"cache of {steps * args.batch} training windows ({codec_label(manifest)}) built in "
               f"{time.perf_counter() - t0:.1f} s")
         cache = TeacherCache.open(tmp, recipe, steps * args.batch)
         n = args.speed_steps

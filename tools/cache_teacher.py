@@ -1,16 +1,17 @@
 """Run a recipe's teacher once over its training windows and store its next-byte targets.
 
-    python tools/cache_teacher.py --config RECIPE --out DIR [--tail-mass TAU] [--top-k K]
-        [--dtype uint8|float16|float32] [--max-windows N] [--windows-per-shard W] [--batch-size B] [key=value ...]
+    python tools/cache_teacher.py --config RECIPE --out DIR [--kl-per-value LAM | --tail-mass TAU] [--top-k K]
+        [--dtype uint8|float16|float32] [--no-compress] [--max-windows N] [--windows-per-shard W]
+        [--batch-size B] [key=value ...]
     deepspeed [--num_gpus G] tools/cache_teacher.py ...      (or torchrun: ranks split the shards)
 
 The windows are the recipe's training stream in the pipeline's order (seed, data.*), the first N
 with --max-windows (default: one epoch). Each text byte keeps its most probable next-byte values
-(byte value and log-probability) until the mass left out is at most TAU, at most K of them, and that
-remaining mass (--tail-mass 0: exactly K values per byte, a fixed top-k; --top-k 257: the whole
-row, lossless in float32); see `bld_scale.cache` for the files, the manifest and how truncated rows
-are decoded. Train from it with `distill.teacher_cache=DIR`: no teacher loaded, a student of any
-tokenizer.
+(byte value and log-probability), each one that saves at least LAM bits of KL (by default), or as
+many as leave at most TAU of the mass out (with --tail-mass), at most K of them, and that remaining
+mass (--tail-mass 0: exactly K values per byte, a fixed top-k; --top-k 257: the whole row, lossless
+in float32); see `bld_scale.cache` for the files, the manifest and how truncated rows are decoded.
+Train from it with `distill.teacher_cache=DIR`: no teacher loaded, a student of any tokenizer.
 Rerunning the same command resumes: shards already written and intact are kept, the rest (never
 written, partial, damaged) are redone. Exit status: 0 done; 2 refused (one `bld_scale:` line).
 """
@@ -29,15 +30,20 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe YAML the students will train with")
     parser.add_argument("--out", required=True, help="the cache folder (created; a rerun resumes it)")
-    parser.add_argument("--tail-mass", type=float, default=None, metavar="TAU", help="the most probability "
-                        "mass a text byte's row may leave out of its stored values (0 < TAU < 1), or 0 for a "
-                        "fixed top-k; default bld_scale.cache.rows.DEFAULT_TAIL_MASS")
+    parser.add_argument("--kl-per-value", type=float, default=None, metavar="LAM", help="keep a byte value when "
+                        "it saves at least LAM bits of KL on its row (0 < LAM < 1); default "
+                        "bld_scale.cache.rows.DEFAULT_KL_PER_VALUE")
+    parser.add_argument("--tail-mass", type=float, default=None, metavar="TAU", help="instead: the most "
+                        "probability mass a text byte's row may leave out of its stored values (0 < TAU < 1), "
+                        "or 0 for a fixed top-k")
     parser.add_argument("--top-k", type=int, default=None, help="the most byte values kept per text byte "
                         "(1..255 with a tail mass; 1..256 with --tail-mass 0, exactly K; 257: everything); "
                         "default bld_scale.cache.rows.DEFAULT_TOP_K, or DEFAULT_FIXED_TOP_K with --tail-mass 0")
     parser.add_argument("--dtype", choices=("uint8", "float16", "float32"), default=None,
                         help="stored log-probabilities (uint8: 1/16-nat steps); default "
                         "bld_scale.cache.rows.DEFAULT_DTYPE, or DEFAULT_FIXED_DTYPE with --tail-mass 0 or --top-k 257")
+    parser.add_argument("--no-compress", action="store_true", help="store the shards as plain safetensors "
+                        "(default: xz-compressed, about a third smaller; a resumed cache keeps its own choice)")
     parser.add_argument("--max-windows", type=int, default=None, help="cache the first N windows (default: one epoch)")
     parser.add_argument("--windows-per-shard", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=None, help="windows per teacher forward "
@@ -60,17 +66,37 @@ def load_teacher(recipe, device):
     return model
 
 
+def codec_settings(args) -> dict:
+    """build_cache's codec keywords from the flags and the defaults; refused settings raise
+    TeacherCacheError (one rule at most: --kl-per-value or --tail-mass)."""
+    from bld_scale.cache.errors import TeacherCacheError
+    from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_FIXED_DTYPE, DEFAULT_FIXED_TOP_K, DEFAULT_KL_PER_VALUE,
+                                      DEFAULT_TAIL_MASS, DEFAULT_TOP_K, FULL, check_codec)
+
+    if args.tail_mass is None and args.kl_per_value is None:
+        tail_mass, kl_per_value = DEFAULT_TAIL_MASS, DEFAULT_KL_PER_VALUE
+    else:  # one rule given: the other is off
+        tail_mass, kl_per_value = args.tail_mass or 0.0, args.kl_per_value or 0.0
+    top_k = args.top_k or (DEFAULT_TOP_K if tail_mass or kl_per_value else DEFAULT_FIXED_TOP_K)
+    adaptive = (tail_mass or kl_per_value) and top_k != FULL
+    dtype = args.dtype or (DEFAULT_DTYPE if adaptive else DEFAULT_FIXED_DTYPE)
+    try:
+        check_codec(top_k, dtype, tail_mass, kl_per_value)
+    except ValueError as err:
+        raise TeacherCacheError(str(err)) from None
+    return {"top_k": top_k, "dtype": dtype, "tail_mass": tail_mass, "kl_per_value": kl_per_value}
+
+
 def build(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_FIXED_DTYPE, DEFAULT_FIXED_TOP_K, DEFAULT_TAIL_MASS,
-                                      DEFAULT_TOP_K, FULL)
     from bld_scale.cache.writer import build_cache, teacher_rows
     from bld_scale.config import load_recipe
     from bld_scale.parallel.engines import init_distributed
     from bld_scale.train.setup import load_teacher_config, setup_tokenizers
 
+    codec = codec_settings(args)  # refused here, before any model loads
     recipe = load_recipe(args.config, args.overrides)
     rank, world = init_distributed()
     log = (lambda m: print(f"[bld_scale] {m}", flush=True)) if rank == 0 else (lambda m: None)
@@ -86,13 +112,9 @@ def build(args) -> None:
     rows_of = teacher_rows(forward, model, sides.teacher_vocab, bos=sides.teacher_bos, eos=sides.teacher_eos,
                            conversion=d.conversion, exact_chunk_tokens=d.exact_chunk_tokens,
                            backend=d.conversion_backend, device=device)
-    tail_mass = DEFAULT_TAIL_MASS if args.tail_mass is None else args.tail_mass
-    top_k = args.top_k or (DEFAULT_TOP_K if tail_mass else DEFAULT_FIXED_TOP_K)
-    adaptive = tail_mass and top_k != FULL
-    dtype = args.dtype or (DEFAULT_DTYPE if adaptive else DEFAULT_FIXED_DTYPE)
     with torch.no_grad():
-        build_cache(recipe, args.out, rows_of, top_k=top_k, dtype=dtype, tail_mass=tail_mass,
-                    max_windows=args.max_windows, windows_per_shard=args.windows_per_shard,
+        build_cache(recipe, args.out, rows_of, **codec, compress=not args.no_compress, max_windows=args.max_windows,
+                    windows_per_shard=args.windows_per_shard,
                     batch_size=args.batch_size or recipe.train.micro_batch_size, rank=rank, world=world,
                     barrier=dist.barrier, log=log)
 

@@ -3,6 +3,7 @@
     python tools/gpu_check.py                               # one H100/H200-class GPU, under 6 minutes
     python tools/gpu_check.py --device cpu --small          # the same code paths, tiny shapes, CPU
     python tools/gpu_check.py --parts a,b --out FILE.json   # choose parts; JSON to FILE
+    python tools/gpu_check.py --parts b,c --pipeline-variant data.prefetch=0   # (c) also without prefetching
 
 Parts (each guarded: a failure is recorded with its error and the others still run; the exit code
 is 0 only if every chosen part passed):
@@ -14,14 +15,24 @@ is 0 only if every chosen part passed):
 (b) one distillation step of a plain loop: a Llama-3.2-1B-shape student (32k vocabulary, causal
     byte head) and a Qwen2-1.5B-shape teacher (151,936 rows), random init, 4 windows of 8 KiB,
     bf16 autocast, fused AdamW, SDPA: teacher forward, conversion, CE-only and BLD step times, and
-    MFU = (2·N_teacher·T_teacher + 6·N_student·T_student) / BLD step time / dense bf16 peak;
+    MFU = (2·N_teacher·T_teacher + 6·N_student·T_student) / BLD step time / dense bf16 peak; the
+    BLD step again with Liger Kernel's layers and fused token CE (speed-up, MFU, peak memory, and
+    its loss and gradients against the plain step's) where liger_kernel imports;
 (c) the real pipeline at that size (tools/gpu_check_pipeline.py): `deepspeed --num_gpus 1
-    launch/distill.py` under ZeRO-3 for 10 steps, its final save checked against the step-10
-    checkpoint, then a resume to step 12.
+    launch/distill.py` for 10 steps (ZeRO-3 student; teacher.placement auto, which replicates the
+    teacher on an H200; tokens/s, step parts and MFU from its metrics.jsonl, and their ratio to
+    (b)'s plain loop), its final save checked against the step-10 checkpoint, then a resume to step
+    12; `--pipeline-variant KEY=VALUE[,...]` reruns it with overrides (e.g. data.prefetch=0);
+(d) opt-in (`--parts d`, ~1-2 minutes a variant on a GPU): the same pipeline run once per lever
+    (tools/gpu_check_levers.py): teacher.placement zero3 / replicate / auto, replicate with
+    activation checkpointing, replicate with torch.compile; tokens/s, per-step losses, placement chosen.
 
 The JSON (`--out`, default runs/gpu_check.json) has the headline keys `conversion_ratio`,
-`step_ratio` (BLD step over teacher forward + CE step), `mfu`, `plain_tokens_per_s`,
-`pipeline_tokens_per_s`, `final_save_ok`, `resume_ok` (null when their part did not run or
+`step_ratio` (BLD step over teacher forward + CE step), `mfu`, `plain_tokens_per_s`, `liger_speedup`,
+`liger_mfu`, `pipeline_tokens_per_s`, `pipeline_over_plain` (their ratio; the goal is >= 0.9),
+`pipeline_mfu`, `pipeline_step_parts_s` (the pipeline's seconds per step of data wait, data
+preparation, student, teacher, conversion, optimizer and the whole step, from its metrics.jsonl),
+`final_save_ok`, `resume_ok` (null when their part did not run or
 failed before measuring them), `versions`, `device_name`, `date`, `passed`, and under `parts`
 everything each part measured, its wall time and its error. A table is printed at the end.
 """
@@ -49,7 +60,8 @@ import torch  # noqa: E402
 
 import gpu_check_assets as assets  # noqa: E402
 
-PARTS = {"a": "conversion", "b": "plain distillation step", "c": "pipeline, final save, resume"}
+PARTS = {"a": "conversion", "b": "plain distillation step", "c": "pipeline, final save, resume",
+         "d": "pipeline per lever: teacher placement, activation checkpointing, compile (opt-in)"}
 HEADLINE = {  # JSON key -> (part, key in that part's result)
     "conversion_ratio": ("a", "conversion_ratio"),
     "conversion_extra_memory_ratio": ("a", "extra_memory_ratio"),
@@ -61,7 +73,11 @@ HEADLINE = {  # JSON key -> (part, key in that part's result)
     "mfu": ("b", "mfu"),
     "achieved_tflops": ("b", "achieved_tflops"),
     "plain_tokens_per_s": ("b", "plain_tokens_per_s"),
+    "liger_speedup": ("b", "liger_speedup"),
+    "liger_mfu": ("b", "liger_mfu"),
     "pipeline_tokens_per_s": ("c", "pipeline_tokens_per_s"),
+    "pipeline_mfu": ("c", "pipeline_mfu"),
+    "pipeline_step_parts_s": ("c", "step_parts_s"),
     "final_save_ok": ("c", "final_save_ok"),
     "resume_ok": ("c", "resume_ok"),
 }
@@ -187,15 +203,18 @@ def run_part(key: str, fn, ws: Workspace) -> dict:
 
 
 def part_functions() -> dict:
+    import gpu_check_levers
     import gpu_check_pipeline
     import gpu_check_plain
 
     return {"a": gpu_check_plain.part_conversion, "b": gpu_check_plain.part_step,
-            "c": gpu_check_pipeline.part_pipeline}
+            "c": gpu_check_pipeline.part_pipeline, "d": gpu_check_levers.part_levers}
 
 
 def summarise(parts: dict, ws: Workspace, total_s: float) -> dict:
     report = {key: parts.get(part, {}).get(field) for key, (part, field) in HEADLINE.items()}
+    plain, pipeline = report["plain_tokens_per_s"], report["pipeline_tokens_per_s"]
+    report["pipeline_over_plain"] = pipeline / plain if plain and pipeline is not None else None  # goal >= 0.9
     vocab = ws.__dict__.get("ranks")
     report.update(
         passed=all(r["ok"] for r in parts.values()), parts_run=sorted(parts),
@@ -237,7 +256,16 @@ def table(report: dict) -> str:
         ("(b) BLD step / (teacher forward + CE step)", _fmt(b.get("step_ratio"), ".2f", "x")),
         ("(b) achieved TFLOP/s; MFU", f"{_fmt(b.get('achieved_tflops'), '.1f')}; {_fmt(b.get('mfu'), '.1%')}"),
         ("(b) plain loop student tokens/s", _fmt(b.get("plain_tokens_per_s"), ",.0f")),
-        ("(c) pipeline student tokens/s (ZeRO-3)", _fmt(c.get("pipeline_tokens_per_s"), ",.0f")),
+        ("(b) BLD step with Liger (layers + fused CE): speed-up; MFU",
+         f"{_fmt(b.get('liger_speedup'), '.2f', 'x')}; {_fmt(b.get('liger_mfu'), '.1%')}"),
+        ("(c) pipeline student tokens/s (ZeRO-3 student)", _fmt(c.get("pipeline_tokens_per_s"), ",.0f")),
+        ("(c) pipeline / plain loop tokens/s (goal >= 0.9)", _fmt(report.get("pipeline_over_plain"), ".2f", "x")),
+        ("(c) pipeline TFLOP/s; MFU", f"{_fmt(c.get('pipeline_tflops'), '.1f')}; {_fmt(c.get('pipeline_mfu'), '.1%')}"),
+        *((f"(c) pipeline {k[5:].replace('_', ' ')}, s/step", _fmt(v, ".3f"))
+          for k, v in (c.get("step_parts_s") or {}).items()),
+        *((f"(c) variant {' '.join(v['overrides'])}: tokens/s; x first run; same losses",
+           f"{_fmt(v.get('pipeline_tokens_per_s'), ',.0f')}; {_fmt(v.get('tokens_per_s_over_first_run'), '.2f', 'x')}; "
+           f"{_fmt(v.get('same_losses'))}") for v in c.get("variants") or []),
         ("(c) final save equals the last checkpoint", _fmt(c.get("final_save_ok"))),
         ("(c) resume to the next steps", _fmt(c.get("resume_ok"))),
     ]
@@ -253,7 +281,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where to measure (default cuda)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (the CPU test; minutes on a CPU)")
-    ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run, of a, b, c (default all)")
+    ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run, of a, b, c, d (default a,b,c)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check.json"),
                     help="the JSON (default runs/gpu_check.json)")
     ap.add_argument("--vocab", default="auto", choices=("auto", "tekken", "synthetic"),
@@ -262,6 +290,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads of this process (default: 1 on --device cpu, as the deepspeed "
                          "launcher gives each rank of part (c); torch's default on cuda)")
+    ap.add_argument("--pipeline-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE...]",
+                    help="part (c): also run the pipeline fresh with these recipe overrides and report its tokens/s, "
+                         "step parts and MFU beside the first run's (e.g. data.prefetch=0); repeatable")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary one, removed at the end)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder (models, runs, logs)")
     args = ap.parse_args(argv)
@@ -286,6 +317,7 @@ def main(argv=None) -> int:
     if threads:
         torch.set_num_threads(threads)
     ws = Workspace(profile, device, workdir, args.vocab)
+    ws.pipeline_variants = [[kv.strip() for kv in v.split(",") if kv.strip()] for v in args.pipeline_variant]
     ws.log(f"{profile.name} run on {device} ({ws.device_name}), {torch.get_num_threads()} CPU threads; parts "
            f"{','.join(args.parts)}; scratch {workdir}")
     functions = part_functions()

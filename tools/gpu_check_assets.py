@@ -14,7 +14,7 @@ Everything is made offline, here, from what the package ships:
 * The student's tokenizer: a byte-level BPE trained on the shipped training works.
 * Model shapes: Qwen2-1.5B (teacher) and Llama-3.2-1B (student) as configs, random init; tiny
   ones for `--small`.
-* Dense bf16 peak FLOP/s by GPU name, for the MFU.
+* Dense bf16 peak FLOP/s by GPU name, for the MFU (`bld_scale.train.throughput`, re-exported).
 """
 from __future__ import annotations
 
@@ -23,28 +23,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets, by a substring of
-# torch.cuda.get_device_name(); the first match wins, so the specific names come first.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),
-    ("H800", 989.0),
-    ("A100", 312.0),
-)
+from bld_scale.train.throughput import PEAK_BF16_TFLOPS, peak_bf16_tflops  # noqa: F401 - the MFU's peaks, re-exported
 
 SYNTHETIC_MAX_TOKEN_BYTES = 16  # synthetic merges stay within the length of real long tokens
 SYNTHETIC_SEED = 1234
 GPT2_EOT = "<|endoftext|>"
-
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """The GPU's dense bf16 peak in TFLOP/s, or None for a device not in the table."""
-    for key, peak in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return peak
-    return None
 
 
 # ---------------------------------------------------------------------- shapes

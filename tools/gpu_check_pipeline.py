@@ -7,6 +7,11 @@ last one; then the same command with `train.max_steps=<profile.resume_steps>` re
 
 * `pipeline_tokens_per_s`: the median `tokens_per_s` (student tokens) of the first run's
   metrics.jsonl records, leaving out the first two steps (start-up).
+* `step_parts_s`: the medians, over the same records, of the pipeline's own step parts
+  (`time_data_wait`, `time_data_prepare`, `time_student`, `time_teacher`, `time_conversion`,
+  `time_optimizer`, `time_step`: seconds per step, `bld_scale.train.step_timer`); `pipeline_tflops`,
+  `pipeline_mfu` and `pipeline_mfu_peak_tflops` likewise (`bld_scale.train.throughput`, the same
+  formula as part (b)'s MFU; null where the run logged none, e.g. on CPU).
 * `final_save_ok`: the first run exits 0 and `final/` loads (`bld_scale.model.student.load_student`)
   with every weight of the checkpoint of its last step, consolidated from the ZeRO-3 shards
   (DeepSpeed's zero_to_fp32): same names and shapes, values equal up to one rounding to the saved
@@ -14,6 +19,13 @@ last one; then the same command with `train.max_steps=<profile.resume_steps>` re
 * `resume_ok`: the second run exits 0, says it resumed at the first run's last step, and leaves
   one train record per step 1..resume_steps (none twice), `latest` at the last step and
   summary.json with that step count.
+* `variants` (only with `gpu_check.py --pipeline-variant`): for each set of recipe overrides (e.g.
+  `data.prefetch=0`), a fresh run of the same `steps` without checkpoints, and the same medians as
+  the first run's (tokens/s, step parts, MFU), its ratio of tokens/s to the first run's, and how its
+  losses compare with the first run's: `same_losses` (all equal), `first_step_loss_equal` (step 1,
+  before any update: the same batch through the same weights), `max_loss_rel_diff` (later steps
+  may differ in the last bits on a GPU, whose atomic adds in backward are not deterministic),
+  `same_data_positions`; a variant that fails is recorded with its error.
 """
 from __future__ import annotations
 
@@ -30,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "launch" / "distill.py"
 SKIP_STEPS = 2  # start-up steps left out of the pipeline's tokens/s
+STEP_PARTS = ("time_data_wait", "time_data_prepare", "time_student", "time_teacher", "time_conversion",
+              "time_optimizer", "time_step")
 # Half the relative spacing of a saved dtype: how far one rounding from fp32 may move a value.
 ROUNDING = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
@@ -143,11 +157,15 @@ def part_pipeline(ws) -> dict:
     records = train_records(out)
     if [r["step"] for r in records] != list(range(1, p.steps + 1)):
         raise RuntimeError(f"metrics.jsonl has train steps {[r['step'] for r in records]}, expected 1..{p.steps}")
-    rates = [r["tokens_per_s"] for r in records if r["step"] > SKIP_STEPS] or [r["tokens_per_s"] for r in records]
-    result["pipeline_tokens_per_s"] = statistics.median(rates)
+    result.update(steady_medians(records))
     result["pipeline_losses"] = [r["loss"] for r in records]
+    result["pipeline_data_positions"] = [r["data_position"] for r in records]
+    parts = result["step_parts_s"]
     ws.log(f"(c) pipeline: {result['pipeline_tokens_per_s']:,.0f} student tokens/s (median of steps "
-           f"{SKIP_STEPS + 1}..{p.steps})")
+           f"{SKIP_STEPS + 1}..{p.steps}); per step: " + ", ".join(
+               f"{k[5:]} {v:.3f} s" for k, v in parts.items() if v is not None)
+           + (f"; MFU {result['pipeline_mfu']:.1%} of {result['pipeline_mfu_peak_tflops']:g} TFLOP/s"
+              if result["pipeline_mfu"] is not None else ""))
 
     try:
         t0 = time.perf_counter()
@@ -170,11 +188,52 @@ def part_pipeline(ws) -> dict:
     if problems:
         result["resume_error"] = "; ".join(problems)
         ws.log(f"(c) resume FAILED: {result['resume_error']}")
+    result["variants"] = [run_variant(ws, recipe, overrides, result, i)
+                           for i, overrides in enumerate(getattr(ws, "pipeline_variants", []))]
     if not (result["final_save_ok"] and result["resume_ok"]):
         failed = [k for k in ("final_save", "resume") if not result[f"{k}_ok"]]
         raise PartialFailure(f"{' and '.join(failed)} failed: "
                              + "; ".join(result.get(f"{k}_error", "") for k in failed), result)
     return result
+
+
+def run_variant(ws, recipe: Path, overrides: list[str], first: dict, index: int) -> dict:
+    """One fresh run of the recipe with `overrides` (no checkpoints), measured as the first run."""
+    p = ws.profile
+    out, log = ws.workdir / f"variant{index}", ws.workdir / f"variant{index}.log"
+    ws.log(f"(c) variant {' '.join(overrides)}: {p.steps} steps (log {log})")
+    cmd = launch_command(recipe, f"output_dir={out}", "checkpoint.interval=0", *overrides) + ["--fresh"]
+    code, seconds, text = launch(cmd, log, p.launch_timeout_s)
+    result: dict = dict(overrides=overrides, exit=code, seconds=seconds)
+    records = train_records(out)
+    if code != 0 or len(records) != p.steps:
+        result["error"] = f"exit {code}, {len(records)} train records; last lines:\n{_tail(text)}"
+        ws.log(f"(c) variant {' '.join(overrides)} FAILED: exit {code}")
+        return result
+    result.update(steady_medians(records))
+    losses = [r["loss"] for r in records]
+    result["same_losses"] = losses == first["pipeline_losses"]
+    result["first_step_loss_equal"] = losses[0] == first["pipeline_losses"][0]  # before any update: same batch
+    result["max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses, first["pipeline_losses"]))
+    result["same_data_positions"] = [r["data_position"] for r in records] == first["pipeline_data_positions"]
+    result["tokens_per_s_over_first_run"] = result["pipeline_tokens_per_s"] / first["pipeline_tokens_per_s"]
+    ws.log(f"(c) variant {' '.join(overrides)}: {result['pipeline_tokens_per_s']:,.0f} student tokens/s "
+           f"({result['tokens_per_s_over_first_run']:.2f}x the first run), same losses: {result['same_losses']}")
+    return result
+
+
+def steady_medians(records: list[dict]) -> dict:
+    """Medians over the records after the start-up steps (all of them when there are no others) of
+    tokens/s, the step parts, TFLOP/s and MFU; None for a key no record has."""
+    steady = [r for r in records if r["step"] > SKIP_STEPS] or records
+
+    def median(key):
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return dict(pipeline_tokens_per_s=median("tokens_per_s"), step_parts_s={k: median(k) for k in STEP_PARTS},
+                pipeline_tflops=median("tflops"), pipeline_mfu=median("mfu"),
+                pipeline_mfu_peak_tflops=median("mfu_peak_tflops"))
 
 
 def resume_problems(code: int, text: str, out: Path, first: int, last: int) -> list[str]:

@@ -4,12 +4,19 @@
     teacher log-probabilities (interleaved repeats, median of the paired ratios; logits shaped like
     a language model's, from tools/bench_byteconv.py), the conversion's extra peak memory over the
     logits, and max |dp| between the device's conversion and a reference on a short sequence (the
-    CPU's on a GPU run; on a CPU run the same CPU conversion fed float64 log-probabilities).
+    CPU's on a GPU run; on a CPU run the same CPU conversion fed float64 log-probabilities). The
+    conversion runs on backend "auto" (on a GPU: the Triton kernels, running sums and the edges'
+    log-add), next to the torch backend and the fused path (raw logits); the torch operators and
+    Triton launches of one call of each are recorded (`launches`).
 (b) `part_step`: a plain loop (no DeepSpeed) over one batch of `windows` windows: teacher forward
     (+ float32 log-softmax, as the step does), the conversion, a CE-only step and a BLD step, each a
     `bld_scale.train.step.distill_step` with the recipe's DistillConfig + backward + clip + AdamW
     (fused on GPU), under bf16 autocast on GPU (fp32 on CPU, as the recipe's precision `auto`).
-    Times are medians of `repeats` rounds after `warmup` rounds, the four interleaved.
+    Times are medians of `repeats` rounds after `warmup` rounds, the four interleaved. On a GPU with
+    liger_kernel, a fifth: the BLD step of a copy of the student with Liger Kernel's layers and fused
+    token CE (`student.liger_layers`, `student.liger_fused_ce`; its own AdamW), after one step of
+    both copies from the same weights compares their losses and gradients (`liger_agreement`);
+    each step's peak memory is recorded (`peak_memory_bytes_by_op`). Elsewhere `liger_skipped` says why not.
 
 Every timer synchronises the device before it starts and before it stops.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import dataclasses
 import math
 import statistics
@@ -26,6 +34,7 @@ import torch
 
 import bench_byteconv as bench
 import gpu_check_assets as assets
+from bld_scale.train.throughput import step_flops  # the pipeline's metrics use the same formula
 
 
 def sync(device: torch.device) -> None:
@@ -163,10 +172,14 @@ def part_conversion(ws) -> dict:
     lp = bench.make_logprobs(windows, vocab.vocab_size, device)  # [B, L + 1, V] float32 log-probabilities
     logits_bytes = lp.numel() * lp.element_size()
 
-    # max |dp| on a short sequence (also the warm-up: the index's tables reach the device here):
-    # against the CPU on a GPU, and on any device against the float64 sums of the definition
+    from bld_scale.convert.backends import log_normaliser_function, resolve_backend
+
+    backend = resolve_backend("auto", device)  # triton on CUDA when it imports
+    # max |dp| on a short sequence, on the backend timed below (also the warm-up: the index's tables
+    # reach the device here): against the CPU's torch backend on a GPU, and on any device against
+    # the float64 sums of the definition
     short, n = windows[0][: p.dp_length], p.dp_length
-    here = byte_logprobs(lp[0, : n + 1], short, vocab, eos_id=eos).cpu()
+    here = byte_logprobs(lp[0, : n + 1], short, vocab, eos_id=eos, backend=backend).cpu()
     definition = cover_reference(lp[0, : n + 1], short, vocab, eos)
     dp_definition = max_abs_dp(here, definition)
     if device.type == "cuda":
@@ -179,9 +192,6 @@ def part_conversion(ws) -> dict:
     ws.log(f"(a) max |dp| over {here.shape[0]:,} byte rows: {device.type} vs {how} {dp:.2e}"
            + (f", vs the float64 definition {dp_definition:.2e}" if device.type == "cuda" else ""))
 
-    from bld_scale.convert.backends import log_normaliser_function, resolve_backend
-
-    backend = resolve_backend("auto", device)  # triton on CUDA when it imports
     norm = log_normaliser_function(backend, device)
 
     def fused():  # what training runs: raw logits in (these log-probabilities are valid logits)
@@ -206,8 +216,13 @@ def part_conversion(ws) -> dict:
     soft_extra, _ = extra_peak_bytes(ops["log_softmax"], device)
     ws.log(f"(a) extra peak memory: conversion {_ratio(extra, logits_bytes)}, fused {_ratio(fused_extra, logits_bytes)}, "
            f"log_softmax {_ratio(soft_extra, logits_bytes)} of the logits ({logits_bytes / 2**30:.2f} GiB)")
+    # torch operators and Triton launches of one call (on the triton backend: two launches per chunk
+    # of teacher rows, the running sums and the edges' log-add; bench_byteconv.count_launches)
+    launches = {name: bench.count_launches(ops[name])[1] for name in ("conversion", "conversion_torch", "fused")}
+    ws.log("(a) launches per call: " + "; ".join(f"{name} {c['torch_ops']} torch ops + {c['triton_launches']} triton"
+                                                 for name, c in launches.items()))
     text_bytes = sum(bench.n_bytes(w, vocab) for w in windows)
-    return dict(vocabulary=vocab.name, V=vocab.vocab_size, B=B, L=L, text_bytes=text_bytes,
+    return dict(vocabulary=vocab.name, V=vocab.vocab_size, B=B, L=L, text_bytes=text_bytes, launches=launches,
                 conversion_s=conv_s, log_softmax_s=soft_s, conversion_ratio=ratio, times_s=times, backend=backend,
                 torch_conversion_ratio=torch_ratio, fused_s=fused_s, fused_conversion_ratio=fused_ratio,
                 fused_extra_memory_ratio=None if fused_extra is None else fused_extra / logits_bytes,
@@ -223,12 +238,6 @@ def _ratio(extra: int | None, whole: int) -> str:
 
 
 # ---------------------------------------------------------------------- (b)
-def step_flops(n_teacher: int, teacher_tokens: int, n_student: int, student_tokens: int) -> float:
-    """Model FLOPs of one distillation step: a teacher forward (2·N·T) and a student forward and
-    backward (6·N·T); attention's own FLOPs and the conversion are not counted."""
-    return 2.0 * n_teacher * teacher_tokens + 6.0 * n_student * student_tokens
-
-
 def part_step(ws) -> dict:
     """(b): teacher forward, conversion, CE step and BLD step of a plain loop; MFU of the BLD step."""
     from bld_scale.convert import byte_logprobs_batch
@@ -273,30 +282,53 @@ def part_step(ws) -> dict:
     def convert():
         return byte_logprobs_batch(logprobs, batch.teacher_ids, sides.teacher_vocab, eos_id=sides.teacher_eos)
 
-    def train_step(cfg):
+    liger, liger_optimizer, liger_skipped = _liger_twin(student, t, cuda)
+
+    def loss_and_backward(cfg, model=student, fused=False):
+        with autocast():
+            loss, _ = distill_step(teacher_forward, model, batch, cfg, teacher_vocab=sides.teacher_vocab,
+                                   teacher_eos_id=sides.teacher_eos, fused_token_ce=fused)
+        loss.backward()
+        return loss.detach()
+
+    def train_step(cfg, model=student, opt=optimizer, fused=False):
         def run():
-            with autocast():
-                loss, _ = distill_step(teacher_forward, student, batch, cfg, teacher_vocab=sides.teacher_vocab,
-                                       teacher_eos_id=sides.teacher_eos)
-            loss.backward()
+            loss = loss_and_backward(cfg, model, fused)
             if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
         return run
 
     ops = {"teacher_forward": forward, "conversion": convert,
            "ce_step": train_step(dataclasses.replace(recipe.distill, method="ce")),
            "bld_step": train_step(recipe.distill)}
-    times = {name: [] for name in ops}
     losses = {"ce_step": [], "bld_step": []}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    liger_agreement = liger_error = None
+    if liger is not None:  # same weights now: one BLD loss and backward of each, compared
+        try:  # a Liger failure is recorded, and the plain figures are still measured
+            liger_agreement = _agreement(loss_and_backward(recipe.distill), student,
+                                         loss_and_backward(recipe.distill, liger, True), liger)
+        except Exception as err:  # noqa: BLE001
+            liger_error = f"{type(err).__name__}: {err}"
+            ws.log(f"(b) the Liger step FAILED, measuring without it: {liger_error}")
+            student.zero_grad(set_to_none=True)
+            liger = liger_optimizer = None
+    if liger is not None:
+        ws.log(f"(b) Liger against plain, one BLD step from the same weights: {liger_agreement}")
+        ops["bld_step_liger"] = train_step(recipe.distill, liger, liger_optimizer, fused=True)
+        losses["bld_step_liger"] = []
+    times = {name: [] for name in ops}
+    peaks = {name: 0 for name in ops}
     for r in range(p.warmup + p.repeats):
         last = {}
         for name, fn in ops.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
             last[name], out = timed(fn, device)
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
             if name in losses:
                 losses[name].append(float(out))
             if r >= p.warmup:
@@ -319,5 +351,46 @@ def part_step(ws) -> dict:
                   step_flops=flops, achieved_tflops=achieved / 1e12, peak_bf16_tflops=peak,
                   mfu=None if peak is None else achieved / (peak * 1e12),
                   plain_tokens_per_s=s_tokens / med["bld_step"],
-                  peak_memory_bytes=torch.cuda.max_memory_allocated(device) if cuda else None)
+                  peak_memory_bytes=max(peaks.values()) if cuda else None,
+                  peak_memory_bytes_by_op=peaks if cuda else None,
+                  liger_skipped=liger_skipped, liger_error=liger_error, liger_agreement=liger_agreement)
+    if "bld_step_liger" in med:
+        liger_s = med["bld_step_liger"]
+        result.update(liger_speedup=med["bld_step"] / liger_s, liger_tokens_per_s=s_tokens / liger_s,
+                      liger_step_ratio=liger_s / (med["teacher_forward"] + med["ce_step"]),
+                      liger_mfu=None if peak is None else flops / liger_s / (peak * 1e12))
+        memory = (f"; peak memory {peaks['bld_step_liger'] / 2**30:.1f} GiB against {peaks['bld_step'] / 2**30:.1f} GiB"
+                  if cuda else "")
+        ws.log(f"(b) BLD step with Liger {liger_s:.3f} s against {med['bld_step']:.3f} s: "
+               f"{result['liger_speedup']:.2f}x{memory}")
     return result
+
+
+def _liger_twin(student, t, cuda: bool):
+    """(copy of the student with Liger's layers and fused CE, its AdamW, None), or (None, None, why not)."""
+    from bld_scale.config import liger_problem
+    from bld_scale.parallel.engines import param_groups
+
+    problem = liger_problem(needs_cuda=True) if cuda else "a CPU run (Liger's RMSNorm and SwiGLU need CUDA)"
+    if problem is not None:
+        return None, None, problem
+    from bld_scale.model.fused_loss import check_fusable
+    from bld_scale.model.liger_layers import apply_liger_layers
+
+    twin = copy.deepcopy(student)
+    apply_liger_layers(twin.lm)
+    check_fusable(twin.lm)
+    opt = torch.optim.AdamW(param_groups(twin, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), fused=True)
+    return twin, opt, None
+
+
+def _agreement(plain_loss, plain, liger_loss, liger) -> dict:
+    """Relative differences of one step's loss and of all gradients (L2), then the gradients cleared."""
+    diff = sum(float((a.grad.float() - b.grad.float()).square().sum())
+               for a, b in zip(plain.parameters(), liger.parameters()) if a.grad is not None)
+    norm = sum(float(a.grad.float().square().sum()) for a in plain.parameters() if a.grad is not None)
+    plain.zero_grad(set_to_none=True)
+    liger.zero_grad(set_to_none=True)
+    return {"loss_plain": float(plain_loss), "loss_liger": float(liger_loss),
+            "loss_rel_diff": abs(float(liger_loss) - float(plain_loss)) / abs(float(plain_loss)),
+            "grad_rel_l2_diff": math.sqrt(diff / norm) if norm else None}

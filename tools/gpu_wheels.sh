@@ -42,6 +42,7 @@ done
 DEEPSPEED_DEPS="hjson msgpack ninja psutil py-cpuinfo einops pydantic pydantic-core annotated-types
   typing-inspection typing-extensions"
 PIPELINE="accelerate protobuf sentencepiece"  # accelerate: loading a model shard by shard under ZeRO-3
+PIPELINE="$PIPELINE liger-kernel"  # student.liger_*: pure Python over torch and triton (both on the GPU machine)
 TEKKEN="tiktoken mistral-common requests urllib3 idna certifi charset-normalizer jsonschema
   jsonschema-specifications referencing rpds-py attrs pillow pydantic-extra-types"
 TESTS="pytest pluggy iniconfig pytest-timeout"

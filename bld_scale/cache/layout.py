@@ -2,12 +2,15 @@
 
     manifest.json            what the cache is (`cache_header`): teacher and tokenizer fingerprints,
                              conversion mode, data and window settings, k, dtype, the adaptive
-                             codec's `max_tail_mass` (absent: fixed top-k), window count;
+                             codec's rule, `kl_per_value` or `max_tail_mass` (neither: fixed
+                             top-k), window count;
                              "complete": false while shards are being written, then true with
                              every shard's bytes, SHA-256 and window range ("shards") and the
                              mass truncation left out per outcome, summed ("tail_mass": the
                              profile truncated rows are decoded with, `cache.rows`)
-    shard-000000.safetensors windows [s*W, (s+1)*W) of the stream (W = windows_per_shard):
+    shard-000000.safetensors windows [s*W, (s+1)*W) of the stream (W = windows_per_shard), xz-compressed
+                             as shard-000000.safetensors.xz when the header says "compression": "xz"
+                             (the default: a third of the bytes, `tools/bench_teacher_cache.py`):
                              `row_offsets` int64 [w+1] (the index: window i's rows are
                              row_offsets[i]:row_offsets[i+1], one row per text byte),
                              `window_sha256` uint8 [w, 8] (the start of each window text's SHA-256)
@@ -31,12 +34,18 @@ from bld_scale.checkpoint.manifest import hash_file
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DIGEST_BYTES = 8
+ADAPTIVE_KEYS = ("max_tail_mass", "kl_per_value")  # the adaptive codec's rule, in a header only when used
 # data settings that decide which text each window holds, in which order
 WINDOW_KEYS = ("window_bytes", "format", "text_field", "normalize", "invalid_utf8", "streaming")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.safetensors"
+COMPRESSION = "xz"  # the one compression a cache may have: Python's lzma, standard library
+XZ_PRESET = 6
+
+
+def shard_name(index: int, compression: str | None = None) -> str:
+    """Shard `index`'s file name in a cache of `compression` (its header's "compression", or None)."""
+    return f"shard-{index:06d}.safetensors" + (f".{compression}" if compression else "")
 
 
 def sidecar_name(index: int) -> str:
@@ -52,23 +61,61 @@ def _identify(path: str) -> dict:
 
 
 def cache_header(recipe, *, top_k: int, dtype: str, windows: int, windows_per_shard: int,
-                 tail_mass: float = 0.0) -> dict:
+                 tail_mass: float = 0.0, kl_per_value: float = 0.0, compression: str | None = None) -> dict:
     """What a cache is made of and from: compared field by field before it is used or resumed.
-    `max_tail_mass` is written for the adaptive codec only, so a fixed top-k header is the one
-    caches made before it have (and such a cache still resumes)."""
+    The adaptive codec's rule (`kl_per_value` or `max_tail_mass`) is written only when it is used,
+    so the header of a cache made before that rule existed is unchanged (and such a cache resumes)."""
     d, t = recipe.data, recipe.teacher
-    adaptive = {"max_tail_mass": tail_mass} if tail_mass else {}
+    optional = {"max_tail_mass": tail_mass} if tail_mass else {}
+    if kl_per_value:
+        optional["kl_per_value"] = kl_per_value
+    if compression:  # likewise written only when used
+        optional["compression"] = compression
     return {"teacher_cache": FORMAT_VERSION,
             "teacher": _identify(t.path), "teacher_tokenizer": _identify(t.tokenizer or t.path),
             "teacher_bos_token": t.bos_token, "conversion": recipe.distill.conversion,
             "data": {"train": list(d.train), "seed": recipe.seed, **{k: getattr(d, k) for k in WINDOW_KEYS}},
-            "top_k": top_k, "dtype": dtype, **adaptive, "windows": windows, "windows_per_shard": windows_per_shard}
+            "top_k": top_k, "dtype": dtype, **optional, "windows": windows, "windows_per_shard": windows_per_shard}
+
+
+def window_index(texts, rows_per_window) -> dict:
+    """A shard's index tensors for `texts` whose rows number `rows_per_window` (module docstring)."""
+    import torch
+
+    sizes = torch.tensor([0, *rows_per_window], dtype=torch.int64)
+    return {"row_offsets": sizes.cumsum(0),
+            "window_sha256": torch.tensor([list(window_digest(t)) for t in texts], dtype=torch.uint8)}
+
+
+def shard_bytes(tensors: dict, compression: str | None) -> bytes:
+    """A shard's file content: its tensors as safetensors, xz-compressed when `compression`."""
+    import lzma
+
+    from safetensors.torch import save
+
+    data = save(tensors)
+    return lzma.compress(data, preset=XZ_PRESET) if compression else data
+
+
+def shard_tensors(data: bytes, compression: str | None) -> dict:
+    """`shard_bytes` reversed."""
+    import lzma
+
+    from safetensors.torch import load
+
+    return load(lzma.decompress(data) if compression else data)
 
 
 def codec_label(header: dict) -> str:
-    """How a cache's rows are stored, in words: "k=32, float16" or "tail mass <= 0.005, k <= 255, uint8"."""
-    tau = header.get("max_tail_mass")
-    kept = f"k={header['top_k']}" if not tau else f"tail mass <= {tau:g}, k <= {header['top_k']}"
+    """How a cache's rows are stored, in words: "k=32, float16", "tail mass <= 0.005, k <= 255, uint8"
+    or "KL per value 0.003 bits, k <= 255, uint8"."""
+    tau, lam = header.get("max_tail_mass"), header.get("kl_per_value")
+    if lam:
+        kept = f"KL per value {lam:g} bits, k <= {header['top_k']}"
+    elif tau:
+        kept = f"tail mass <= {tau:g}, k <= {header['top_k']}"
+    else:
+        kept = f"k={header['top_k']}"
     return f"{kept}, {header['dtype']}"
 
 
@@ -115,9 +162,9 @@ def source_problems(cached: dict, recipe) -> list[str]:
     return problems
 
 
-def shard_problem(folder: Path, index: int, entry: dict | None) -> str | None:
+def shard_problem(folder: Path, index: int, entry: dict | None, compression: str | None = None) -> str | None:
     """Why shard `index` is not intact (None: it matches its record `entry` by size and SHA-256)."""
-    path = Path(folder) / shard_name(index)
+    path = Path(folder) / shard_name(index, compression)
     if entry is None:
         return f"{path.name}: no record of it (an interrupted write)"
     if not path.is_file():

@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import (codec_label, read_manifest, shard_name, shard_problem, source_problems,
-                                    window_digest)
+from bld_scale.cache.layout import (COMPRESSION, codec_label, read_manifest, shard_name, shard_problem, shard_tensors,
+                                    source_problems, window_digest)
 from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import OUTCOMES, decode_rows, tail_prior
 from bld_scale.convert.byte_rows import pad_byte_rows
@@ -59,6 +59,10 @@ class TeacherCache:
             raise TeacherCacheError(f"distill.teacher_cache holds byte targets, which only distill.method=bld "
                                     f"reads; this recipe has method {recipe.distill.method!r}: set "
                                     "distill.method=bld or remove distill.teacher_cache")
+        if manifest.get("compression") not in (None, COMPRESSION):
+            raise TeacherCacheError(f"distill.teacher_cache={folder}: its shards are compressed with "
+                                    f"{manifest['compression']!r}, which this bld_scale does not read (only "
+                                    f"{COMPRESSION!r}): use the bld_scale version that made it, or build it again")
         problems = source_problems(manifest, recipe)
         if problems:
             raise TeacherCacheError(f"distill.teacher_cache={folder} was made for another run: {'; '.join(problems)}. "
@@ -74,14 +78,13 @@ class TeacherCache:
     def _load(self, shard: int) -> dict:
         if self._shard is not None and self._shard[0] == shard:
             return self._shard[1]
-        from safetensors.torch import load_file
-
-        name = shard_name(shard)
-        problem = shard_problem(self.folder, shard, self.manifest["shards"].get(name))
+        compression = self.manifest.get("compression")
+        name = shard_name(shard, compression)
+        problem = shard_problem(self.folder, shard, self.manifest["shards"].get(name), compression)
         if problem is not None:
             raise TeacherCacheError(f"distill.teacher_cache={self.folder}: {problem}; run the {BUILD} command "
                                     "that made it again: it redoes damaged shards")
-        tensors = load_file(str(self.folder / name))
+        tensors = shard_tensors((self.folder / name).read_bytes(), compression)
         if "counts" in tensors:  # the adaptive layout: where each row's entries start
             tensors["entry_offsets"] = entry_offsets(tensors["counts"])
         self._shard = (shard, tensors)

@@ -1,11 +1,12 @@
 """The row codec of a teacher cache: a next-byte distribution `[257]` <-> what a shard stores.
 
 Three layouts, told apart by the tensors a shard holds (and recorded in the manifest: `top_k`,
-`dtype`, and `max_tail_mass` for the adaptive one):
+`dtype`, and `max_tail_mass` or `kl_per_value` for the adaptive one):
 
-* adaptive (`max_tail_mass` tau > 0, the default; `cache.ragged`): per row the fewest most
-  probable byte values that leave at most tau of the mass out, at most k of them, stored ragged
-  (`counts`, flat `symbols` and `logprobs`, `rest`);
+* adaptive (`kl_per_value` lam > 0, the default, or `max_tail_mass` tau > 0; `cache.ragged`): per
+  row the most probable byte values that each save at least lam bits of KL, or the fewest that
+  leave at most tau of the mass out, at most k of them, stored ragged (`counts`, flat `symbols`
+  and `logprobs`, `rest`);
 * fixed top-k (tau = 0, k < 257; every cache made before the adaptive codec): the k most probable
   of the 256 byte values (`symbols` uint8 [R, k], `logprobs` [R, k]) and the log of the mass of every
   other outcome together (`rest` [R]);
@@ -39,33 +40,35 @@ def check_top_k(k: int) -> None:
                          f"and the remaining mass) or {FULL} (every outcome, lossless in float32)")
 
 
-def check_codec(k: int, dtype: str, tail_mass: float = 0.0) -> float:
-    """Refuse settings no codec has; returns the tail mass the cache uses (0 for k = 257: whole rows)."""
+def check_codec(k: int, dtype: str, tail_mass: float = 0.0, kl_per_value: float = 0.0) -> tuple[float, float]:
+    """Refuse settings no codec has; returns the (tail mass, KL per value) the cache uses (both 0 for
+    k = 257, whole rows, and for a fixed top-k)."""
     check_top_k(k)
     check_dtype(dtype)
     if k == FULL:
         if dtype == "uint8":
             raise ValueError("top-k 257 stores whole rows to be lossless: use --dtype float32 (or float16), "
                              "not uint8")
-        return 0.0
-    if tail_mass:
-        check_adaptive(tail_mass, k)
-    return float(tail_mass)
+        return 0.0, 0.0
+    if tail_mass or kl_per_value:
+        check_adaptive(tail_mass, k, kl_per_value)
+    return float(tail_mass), float(kl_per_value)
 
 
-def encode_rows(q: torch.Tensor, k: int, dtype: str, tail_mass: float = 0.0) -> dict[str, torch.Tensor]:
+def encode_rows(q: torch.Tensor, k: int, dtype: str, tail_mass: float = 0.0,
+                kl_per_value: float = 0.0) -> dict[str, torch.Tensor]:
     """`q [R, 257]` log-probabilities (float32/64, -inf allowed) -> the tensors a shard stores.
 
-    k = 257: {"logprobs": [R, 257]}; tail_mass > 0: the adaptive layout (`cache.ragged`, k the cap);
-    otherwise {"symbols": uint8 [R, k], "logprobs": [R, k], "rest": [R]} with `rest` the log of the
-    mass outside the stored symbols (EOT included).
+    k = 257: {"logprobs": [R, 257]}; tail_mass or kl_per_value > 0: the adaptive layout
+    (`cache.ragged`, k the cap); otherwise {"symbols": uint8 [R, k], "logprobs": [R, k], "rest": [R]}
+    with `rest` the log of the mass outside the stored symbols (EOT included).
     """
-    tail_mass = check_codec(k, dtype, tail_mass)
+    tail_mass, kl_per_value = check_codec(k, dtype, tail_mass, kl_per_value)
     q = q.to(torch.float64)
     if k == FULL:
         return {"logprobs": store_logprobs(q, dtype)}
-    if tail_mass:
-        return encode_ragged(q, tail_mass, k, dtype)
+    if tail_mass or kl_per_value:
+        return encode_ragged(q, tail_mass, k, dtype, kl_per_value)
     values, symbols = torch.topk(q[:, :BYTE_VALUES], k, dim=1)
     others = q.clone()
     others.scatter_(1, symbols, -math.inf)
@@ -115,7 +118,8 @@ def bytes_per_row(k: int, dtype: str, mean_count: float | None = None) -> float:
 
 
 # The defaults (tools/cache_teacher.py): see the README's teacher-cache figures for the trade-off.
-DEFAULT_TAIL_MASS = 0.005  # adaptive: each row leaves at most this mass to the tail profile
+DEFAULT_KL_PER_VALUE = 0.005  # adaptive: each stored byte value saves at least this KL (bits) on its row
+DEFAULT_TAIL_MASS = 0.0  # the default rule is the KL one (--tail-mass 0.005 was the default before it)
 DEFAULT_TOP_K = MAX_CAP  # adaptive: no cap in practice
 DEFAULT_FIXED_TOP_K = 32  # with tail mass 0 (a fixed top-k), when --top-k is not given
 DEFAULT_DTYPE = "uint8"

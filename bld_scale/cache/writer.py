@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import (MANIFEST, cache_header, codec_label, read_manifest, shard_name, shard_problem,
-                                    sidecar_name, window_digest)
+from bld_scale.cache.layout import (ADAPTIVE_KEYS, COMPRESSION, MANIFEST, cache_header, codec_label, read_manifest,
+                                    shard_bytes, shard_name, shard_problem, sidecar_name, window_index)
 from bld_scale.cache.rows import check_codec, encode_rows, tail_sums
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
@@ -56,17 +56,18 @@ def windows_per_epoch(documents, window_bytes: int) -> int:
 
 
 def _header_problems(found: dict, wanted: dict) -> list[str]:
-    keys = [k for k in wanted if found.get(k) != wanted[k]]
-    return [f"{k}: {found.get(k)!r} there, {wanted[k]!r} asked" for k in keys]
+    # the adaptive rule's keys are written only when used: compared whichever side has them
+    keys = dict.fromkeys(k for k in (*wanted, *ADAPTIVE_KEYS) if found.get(k) != wanted.get(k))
+    return [f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} asked" for k in keys]
 
 
-def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], windows: tuple[int, int]) -> None:
-    from safetensors.torch import save_file
-
-    path = folder / shard_name(index)
+def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], windows: tuple[int, int],
+                 compression: str | None) -> None:
+    path = folder / shard_name(index, compression)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb+") as f:
+    with open(tmp, "wb") as f:
+        f.write(shard_bytes(tensors, compression))
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(folder)
@@ -75,7 +76,7 @@ def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], win
 
 
 def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str, tail_mass: float,
-                  batch_size: int) -> tuple[dict, list[float]]:
+                  kl_per_value: float, batch_size: int) -> tuple[dict, list[float]]:
     rows = []
     for i in range(0, len(texts), batch_size):
         part = texts[i:i + batch_size]
@@ -85,22 +86,22 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
                 raise RuntimeError(f"teacher rows of shape {tuple(r.shape)} for a window of "
                                    f"{len(text.encode('utf-8'))} bytes (one row of 257 per text byte expected)")
         rows.extend(got)
-    sizes = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.int64)
-    digests = torch.tensor([list(window_digest(t)) for t in texts], dtype=torch.uint8)
     q = torch.cat(rows)
-    stored = encode_rows(q, top_k, dtype, tail_mass)
-    return {"row_offsets": sizes.cumsum(0), "window_sha256": digests, **stored}, tail_sums(q, stored)
+    stored = encode_rows(q, top_k, dtype, tail_mass, kl_per_value)
+    return {**window_index(texts, [r.shape[0] for r in rows]), **stored}, tail_sums(q, stored)
 
 
 def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_windows: int | None = None,
                 windows_per_shard: int = 256, batch_size: int = 8, rank: int = 0, world: int = 1,
-                tail_mass: float = 0.0, barrier: Callable[[], None] = lambda: None,
-                log: Callable[[str], None] = print) -> dict:
+                tail_mass: float = 0.0, kl_per_value: float = 0.0, compress: bool = True,
+                barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> dict:
     """Write (or finish) the cache of `recipe`'s first `max_windows` windows (default: one epoch)
     into `out`; returns its manifest. Every rank calls it; `barrier` waits for all of them.
-    `tail_mass` > 0 selects the adaptive codec, `top_k` its cap (`cache.rows`)."""
+    `kl_per_value` or `tail_mass` > 0 selects the adaptive codec and its rule, `top_k` its cap
+    (`cache.rows`); `compress` xz-compresses the shards. A cache being resumed keeps the compression
+    it was started with, whatever `compress` says: it is how the bytes are kept, not what they are."""
     try:
-        tail_mass = check_codec(top_k, dtype, tail_mass)
+        tail_mass, kl_per_value = check_codec(top_k, dtype, tail_mass, kl_per_value)
     except ValueError as err:
         raise TeacherCacheError(str(err)) from None
     if windows_per_shard < 1 or batch_size < 1:
@@ -110,9 +111,10 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
     total = max_windows if max_windows is not None else windows_per_epoch(corpus.train, recipe.data.window_bytes)
     if total < 1:
         raise TeacherCacheError(f"--max-windows {total}: cache at least one window")
-    wanted = cache_header(recipe, top_k=top_k, dtype=dtype, windows=total, windows_per_shard=windows_per_shard,
-                          tail_mass=tail_mass)
     found = read_manifest(folder)  # every rank decides alike from the same files
+    compression = (found.get("compression") if found is not None else COMPRESSION if compress else None)
+    wanted = cache_header(recipe, top_k=top_k, dtype=dtype, windows=total, windows_per_shard=windows_per_shard,
+                          tail_mass=tail_mass, kl_per_value=kl_per_value, compression=compression)
     if found is not None:
         problems = _header_problems(found, wanted)
         if problems:
@@ -136,13 +138,14 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             continue
         sidecar = folder / sidecar_name(s)
         entry = json.loads(sidecar.read_text()) if sidecar.is_file() else None
-        problem = shard_problem(folder, s, entry) if entry is not None else "never written"
+        problem = shard_problem(folder, s, entry, compression) if entry is not None else "never written"
         if problem is None:
             done += 1
             continue
         if entry is not None:
             log(f"redoing {problem}")
-        _write_shard(folder, s, *_encode_shard(texts, rows_of, top_k, dtype, tail_mass, batch_size), (first, last))
+        tensors, tail = _encode_shard(texts, rows_of, top_k, dtype, tail_mass, kl_per_value, batch_size)
+        _write_shard(folder, s, tensors, tail, (first, last), compression)
         made += 1
         log(f"rank {rank}: shard {s + 1}/{n_shards} (windows {first}..{last - 1}) written")
     print(f"[bld_scale] rank {rank}: {made} shards written, {done} already complete", flush=True)
@@ -155,7 +158,7 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             if not sidecar.is_file():
                 raise TeacherCacheError(f"{sidecar} is missing after every rank finished: run the same "
                                         "command again to redo that shard")
-            shards[shard_name(s)] = json.loads(sidecar.read_text())
+            shards[shard_name(s, compression)] = json.loads(sidecar.read_text())
         tail = [sum(col) for col in zip(*(entry["tail_mass"] for entry in shards.values()))]
         manifest = {**wanted, "complete": True, "tail_mass": tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))

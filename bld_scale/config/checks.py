@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bld_scale.config.schema import (BUILTIN_PREFIX, BUILTIN_SPLITS, DS_CONFIG_NAMES, PACKAGE_INSTALL,
                                      PACKAGE_PREFIX, DeepSpeedConfig, Recipe, RecipeError)
+from bld_scale.config.kernels import liger_value_problems
 
 
 def validate_paths(recipe: Recipe) -> None:
@@ -195,9 +196,12 @@ def _check_values(r: Recipe) -> None:
         ("train.eval_interval", r.train.eval_interval >= 0, "must be >= 0 (0 disables)"),
         ("checkpoint.interval", r.checkpoint.interval >= 0, "must be >= 0 (0 disables)"),
         ("checkpoint.keep", r.checkpoint.keep >= 1, "must be >= 1"),
+        ("data.prefetch", r.data.prefetch >= 0, "must be >= 0 (0: no prefetching)"),
+        ("logging.peak_tflops", r.logging.peak_tflops is None or r.logging.peak_tflops > 0, "must be > 0 or null"),
         ("data.format", not (r.data.format != "text" and any(
             t.startswith(BUILTIN_PREFIX) for t in r.data.train + r.data.heldout)),
          "builtin corpora are text; use format: text"),
+        *liger_value_problems(r),
     ]
     for key, ok, msg in rules:
         if not ok:

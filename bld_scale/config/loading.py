@@ -14,6 +14,7 @@ from typing import Any, Union
 import yaml
 
 from bld_scale.config.checks import _check_values, _resolve, _walk_paths, validate_attention, validate_paths
+from bld_scale.config.kernels import validate_liger
 from bld_scale.config.schema import DS_CONFIG_NAMES, DeepSpeedConfig, Recipe, RecipeError
 
 
@@ -46,6 +47,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if check_paths:
         validate_paths(recipe)
         validate_attention(recipe)
+        validate_liger(recipe)
     return recipe
 
 

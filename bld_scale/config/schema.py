@@ -76,6 +76,11 @@ class TeacherConfig:
     bos_token: Optional[str] = _opt(None, "BOS token text, for a tokenizer without a usable BOS")
     dtype: str = _choice("auto", ("auto", "fp32", "bf16", "fp16"),
                          "teacher weights; auto: bf16 on GPU, fp32 on CPU")
+    placement: str = _choice("auto", ("auto", "zero3", "replicate"),
+                             "zero3: sharded over the ranks, gathered layer by layer each forward (DeepSpeed "
+                             "ZeRO-3 inference); replicate: the whole teacher on every GPU, no gathers; auto: "
+                             "replicate on a GPU when it fits beside the student (tools/estimate_memory.py's "
+                             "arithmetic + 20 % + 3 GB), else zero3; zero3 on CPU")
 
 
 @dataclass
@@ -93,6 +98,11 @@ class StudentConfig:
     attn_implementation: str = _choice(
         "auto", ("auto", "sdpa", "eager", "flash_attention_2"),
         "auto: FlashAttention-2 when flash-attn is importable on CUDA, else PyTorch SDPA")
+    liger_fused_ce: bool = _opt(False, "Liger Kernel's fused linear cross-entropy for the token head: the [tokens, "
+                                       "vocabulary] logits are never materialised; methods ce and bld; llama, qwen2, "
+                                       "qwen3, mistral students; CUDA (or TRITON_INTERPRET=1)")
+    liger_layers: bool = _opt(False, "Liger Kernel's RMSNorm, RoPE and SwiGLU in the student's layers (llama, qwen2, "
+                                     "qwen3, mistral students; the teacher keeps its own); CUDA only")
 
 
 @dataclass
@@ -114,6 +124,9 @@ class DataConfig:
                              "with an NFKC normaliser stay byte-exact); none: the text as stored")
     pack: bool = _opt(False, "lay each micro-batch's windows end to end in one row per model, without "
                              "padding; attention and position ids restart at each window (same losses)")
+    prefetch: int = _opt(2, "micro-batches tokenized, laid out (and read from a teacher cache) ahead of training "
+                            "in a background thread, in pinned memory on CUDA; 0: on the training thread "
+                            "(same batches and losses either way; the saved data position is the consumed one)")
 
 
 @dataclass
@@ -134,10 +147,11 @@ class DistillConfig:
     conversion: str = _choice("cover", ("cover", "within_token", "exact"),
                               "bld: how teacher token probabilities become next-byte distributions")
     exact_chunk_tokens: int = _opt(16384, "conversion exact: query positions per tree forward (memory bound)")
-    conversion_backend: str = _choice("torch", ("auto", "torch", "triton"),
-                                      "conversion cover/within_token: what computes the running sums; torch: "
-                                      "any device; triton: fused kernels on CUDA; auto: triton on CUDA when "
-                                      "triton imports, else torch (same numbers to float64 rounding)")
+    conversion_backend: str = _choice("auto", ("auto", "torch", "triton"),
+                                      "conversion (every mode): what computes the running sums and log-adds the "
+                                      "edges into the byte rows; auto: triton on CUDA when triton imports, else "
+                                      "torch; torch: any device; triton: fused kernels, CUDA only (same numbers "
+                                      "to float64 rounding)")
     teacher_cache: Optional[str] = _path(None, help="bld: folder made by tools/cache_teacher.py; the byte targets come "
                                                     "from it and the teacher is not loaded (any student tokenizer); "
                                                     "null: the teacher runs online")
@@ -157,6 +171,14 @@ class TrainConfig:
     precision: str = _choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 on GPU, fp32 on CPU")
     log_interval: int = _opt(10, "steps between train records in metrics.jsonl")
     eval_interval: int = _opt(200, "steps between held-out evaluations; 0 disables")
+    activation_checkpointing: bool = _opt(False, "recompute the student's decoder layers in the backward "
+                                                 "instead of keeping their activations (less memory, ~1/3 more "
+                                                 "student compute; same losses)")
+    compile: bool = _opt(False, "torch.compile the student (DeepSpeed's engine.compile, after ZeRO wraps it); the "
+                                "first steps compile")
+    compile_backend: str = _choice("inductor", ("inductor", "aot_eager", "eager"),
+                                   "train.compile's backend; inductor: generated fused kernels (a C compiler on "
+                                   "CPU, Triton on GPU); aot_eager / eager: trace only, no speed-up (checks)")
 
 
 @dataclass
@@ -186,6 +208,8 @@ class LoggingConfig:
     """Metrics beyond metrics.jsonl (always written)."""
     tensorboard: bool = _opt(True, "TensorBoard events in <output_dir>/tensorboard (needs the tensorboard package)")
     wandb_project: Optional[str] = _opt(None, "Weights & Biases project; null: no wandb")
+    peak_tflops: Optional[float] = _opt(None, "one device's peak TFLOP/s for the mfu in train records; null: the "
+                                              "dense bf16 peak of a known GPU (H100/H200 989, A100 312), none on CPU")
 
 
 @dataclass

@@ -53,8 +53,8 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
     mode: "cover" (default), "within_token", or "exact" (needs `teacher=`; further keyword
       arguments go to `bld_scale.convert.exact.byte_logprobs_exact`).
     backend: "torch" (default), "triton" or "auto" (triton on CUDA tensors when triton imports):
-      what computes the one-pass running sums (`bld_scale.convert.backends`); same numbers to
-      float64 rounding. Mode "exact" always runs the torch path.
+      what computes the running sums and log-adds the edges, in every mode (`bld_scale.convert.backends`);
+      same numbers to float64 rounding.
     log_normaliser: `[L + 1]` per-row logsumexp when `logprobs` holds raw logits (one-pass modes;
       see `teacher_token_logits`).
     Rows whose every outcome has zero mass (possible only with -inf logits) are all -inf.
@@ -65,7 +65,7 @@ def byte_logprobs(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes,
         raise ValueError("mode 'exact' reads log-probabilities, not raw logits: drop log_normaliser= "
                          "and pass torch.log_softmax(logits, -1)")
     if mode == "exact":
-        return byte_logprobs_exact(logprobs, ids, vocab, eos_id=eos_id, **exact)
+        return byte_logprobs_exact(logprobs, ids, vocab, eos_id=eos_id, backend=backend, **exact)
     if exact:
         raise TypeError(f"mode {mode!r} takes no {', '.join(exact)} (only mode 'exact' does)")
     return byte_logprobs_one_pass(logprobs, ids, vocab, eos_id=eos_id, within_token=mode == "within_token",
@@ -190,8 +190,8 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
       count every rank makes (see `exact.exact_byte_targets`).
     with_token_logprobs: make the one-pass forward in mode "exact" too (before the tree
       forwards), for callers that also need the teacher's token log-probabilities.
-    backend: what computes the one-pass running sums ("torch", "triton", "auto": see `byte_logprobs`;
-      recipe key distill.conversion_backend).
+    backend: what computes the running sums and the log-add of every mode ("torch", "triton", "auto":
+      see `byte_logprobs`; recipe key distill.conversion_backend).
     Returns `TeacherTargets(byte_logprobs, mask, token_logprobs)`; `token_logprobs` is None when
     no one-pass forward was made, or when the one-pass modes read the raw logits (fused: whenever
     `with_token_logprobs` is False). A packed batch (`batch.packing` set) gives `[1, R, 257]` / `[1, T, V]`
@@ -214,7 +214,7 @@ def teacher_byte_targets(batch, vocab: TokenBytes, *, conversion: str, teacher_f
             raise ValueError("conversion 'exact' needs the teacher model (teacher_model=...)")
         view = padded_teacher_view(batch) if packed else batch
         q, mask = exact_byte_targets(teacher_model, view, vocab, eos_id, max_tokens=exact_chunk_tokens,
-                                     agree_forwards=agree_forwards)
+                                     agree_forwards=agree_forwards, backend=backend)
         if packed:
             lengths = mask.sum(dim=1).tolist()
             q, mask = _end_to_end((q[b, :n] for b, n in enumerate(lengths)), batch)

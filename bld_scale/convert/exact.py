@@ -62,9 +62,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from bld_scale.convert.backends import TritonSplits, log_add_splits, resolve_backend
 from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, check_logprobs, normalise_rows, pad_byte_rows, start_rows
 from bld_scale.convert.exact_contexts import ExactContexts, exact_contexts, tree_forwards
-from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, scatter_edges, split_edges
+from bld_scale.convert.running_sums import logaddexp_scatter, refine_small_masses, split_edges
 from bld_scale.convert.tree_forward import iter_tree_logprobs
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -74,14 +75,17 @@ from bld_scale.tokenize.token_bytes import TokenBytes
 BATCH_CHUNK_TOKENS = 16384
 
 
+def _context_splits(ctx_start: np.ndarray, data: bytes, vocab: TokenBytes):
+    """(context, end, trie node) of every split of every context, as in cover."""
+    c, end, node = vocab.index.walk(data, ctx_start)
+    keep = end < len(data)
+    return c[keep], end[keep], node[keep]
+
+
 def _context_edges(rows: torch.Tensor, ctx_start: np.ndarray, log_weight: torch.Tensor, data: bytes,
                    vocab: TokenBytes, memory_bytes: int):
     """Edges (context, target byte cell, log value) of every split of every context, as in cover."""
-    index = vocab.index
-    c, end, node = index.walk(data, ctx_start)
-    keep = end < len(data)
-    c, end, node = c[keep], end[keep], node[keep]
-    return split_edges(rows, c, end, node, log_weight, index, memory_bytes)
+    return split_edges(rows, *_context_splits(ctx_start, data, vocab), log_weight, vocab.index, memory_bytes)
 
 
 def _default_bos(teacher, eos_id):
@@ -101,7 +105,8 @@ def _default_bos(teacher, eos_id):
 def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, *, teacher=None,
                         eos_id: int | None = None, bos_id: int | None = None,
                         prefix_window: int | None = 16, max_tokens: int = 4096,
-                        contexts: ExactContexts | None = None, info: dict | None = None) -> torch.Tensor:
+                        contexts: ExactContexts | None = None, info: dict | None = None,
+                        backend: str = "torch") -> torch.Tensor:
     """Exact next-byte log-probabilities `[N + 1, 257]` (see the module docstring for the rule).
 
     logprobs: the teacher's one-pass `[L + 1, V]` log-probabilities over `[BOS] + ids` (as for
@@ -112,7 +117,9 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
       consumed one forward at a time, so memory is the one-pass rows plus one forward's
       `[max_tokens, V]`. `contexts`: `exact_contexts(ids, vocab, prefix_window=...)` when the caller
       already has them (to count the forwards first). `info`, when a dict, receives counts
-      (contexts, tree nodes, forwards).
+      (contexts, tree nodes, forwards). backend: "torch", "triton" or "auto": what computes the
+      running sums and log-adds the edges, of the canonical rows and of the tree's
+      (`bld_scale.convert.backends`; same numbers to float64 rounding).
     """
     if logprobs is not None:
         check_logprobs(logprobs, ids, vocab, eos_id)
@@ -131,6 +138,7 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
         first = next(chunks)
         logprobs = first.prefix
     device = logprobs.device
+    triton = resolve_backend(backend, device) == "triton"
     data, starts, out, log_prefix = start_rows(logprobs, ids, vocab)
     if info is not None:
         info.update(contexts=len(ctx.starts), tree_nodes=M, tokens=len(ids), bytes=len(data),
@@ -144,8 +152,13 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
     if eos_id is not None:
         out[torch.as_tensor(starts, device=device), EOT] = log_prefix[: len(ids)] + logprobs[: len(ids), int(eos_id)].double()
     eot_only = out.clone()
-    canon_edges = _context_edges(logprobs[: len(ids)], starts, log_prefix, data, vocab, memory)
-    logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
+    if triton:  # the kernels; their small masses are refined at the end, as the torch path's
+        canon = TritonSplits(logprobs[: len(ids)], *_context_splits(starts, data, vocab), log_prefix, vocab.index,
+                             memory)
+        canon.add_to(out)
+    else:
+        canon_edges = _context_edges(logprobs[: len(ids)], starts, log_prefix, data, vocab, memory)
+        logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
 
     # The (b) contexts, one tree forward at a time, into their own accumulator.
     extra = torch.full_like(out, -math.inf)
@@ -171,9 +184,11 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
         if eos_id is not None:  # EOT where a valid complete tokenization ends
             logaddexp_scatter(extra.view(-1), torch.as_tensor(c_start, device=device) * NUM_BYTE_OUTCOMES + EOT,
                               c_w + c_rows[:, int(eos_id)].double())
-        edges = _context_edges(c_rows, c_start, c_w, data, vocab, memory)
-        extra = scatter_edges(extra, edges, c_w, c_rows, perm, totals_with=out)
+        extra = log_add_splits(extra, c_rows, *_context_splits(c_start, data, vocab), c_w, vocab.index, memory,
+                               backend=backend, totals_with=out)
     total = torch.logaddexp(out, extra)
+    if triton:
+        return normalise_rows(_refine_canonical_rows(canon, out, eot_only, extra, total, log_prefix, logprobs, perm))
     if canon_edges["value"].numel() and refine_small_masses(total, canon_edges, log_prefix, logprobs, perm):
         out = eot_only
         logaddexp_scatter(out.view(-1), canon_edges["target"], canon_edges["value"])
@@ -181,8 +196,23 @@ def byte_logprobs_exact(logprobs: torch.Tensor, ids: Sequence[int], vocab: Token
     return normalise_rows(total)
 
 
+def _refine_canonical_rows(canon: TritonSplits, out, eot_only, extra, total, log_prefix, logprobs, perm):
+    """`total` with the canonical rows whose small masses the final totals flag redone by the torch
+    code (what the torch path's `refine_small_masses` over every canonical edge changes)."""
+    flagged = canon.flagged_rows(total)
+    if flagged.size == 0:
+        return total
+    edges = canon.torch_edges(flagged)
+    refine_small_masses(total, edges, log_prefix, logprobs, perm)
+    at = torch.as_tensor(flagged, device=out.device)
+    out[at] = eot_only[at]
+    logaddexp_scatter(out.view(-1), edges["target"], edges["value"])
+    return torch.logaddexp(out, extra)
+
+
 def exact_byte_targets(teacher_model, batch, vocab: TokenBytes, eos_id: int | None, *,
-                       max_tokens: int = BATCH_CHUNK_TOKENS, agree_forwards: Callable[[int], int] | None = None):
+                       max_tokens: int = BATCH_CHUNK_TOKENS, agree_forwards: Callable[[int], int] | None = None,
+                       backend: str = "torch"):
     """Exact next-byte targets of a padded batch: `(out [B, N_max + 1, 257], mask [B, N_max + 1])`.
 
     Per text, tree-masked teacher forwards that carry the canonical tokens too (no separate
@@ -194,6 +224,7 @@ def exact_byte_targets(teacher_model, batch, vocab: TokenBytes, eos_id: int | No
     their chunking need no model), `agree_forwards(n)` (the pipeline's: the maximum of `n` over
     ranks, itself a collective, so it comes before any forward) says how many to make, and the
     missing ones are one-token forwards whose output is dropped. Without it nothing is padded.
+    backend: what computes the running sums and the log-add (`byte_logprobs_exact`).
     """
     contexts = [exact_contexts(ids, vocab) for ids in batch.teacher_ids]
     forwards = sum(tree_forwards(ctx, len(ids), max_tokens=max_tokens)
@@ -204,7 +235,7 @@ def exact_byte_targets(teacher_model, batch, vocab: TokenBytes, eos_id: int | No
         info: dict = {}
         rows.append(byte_logprobs_exact(None, ids, vocab, teacher=teacher_model, eos_id=eos_id,
                                         bos_id=int(batch.teacher_input_ids[b, 0]), max_tokens=max_tokens,
-                                        contexts=ctx, info=info))
+                                        contexts=ctx, info=info, backend=backend))
         made += info["forwards"]
     if made != forwards:  # the count the ranks agreed on must be the count made
         raise RuntimeError(f"exact conversion made {made} teacher forwards but planned {forwards}")

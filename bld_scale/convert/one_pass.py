@@ -36,10 +36,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bld_scale.convert.backends import running_sums_class
+from bld_scale.convert.backends import log_add_splits, resolve_backend
 from bld_scale.convert.byte_rows import (EOT, NUM_BYTE_OUTCOMES, check_logprobs, gather_logprobs, normalise_rows,
                                         token_layout)
-from bld_scale.convert.running_sums import scatter_edges, split_edges
 from bld_scale.tokenize.token_bytes import TokenBytes
 
 
@@ -66,7 +65,8 @@ def byte_logprobs_one_pass(logprobs: torch.Tensor, ids: Sequence[int], vocab: To
     ids: the L canonical teacher tokens of the text; vocab: their `TokenBytes`.
     eos_id: the teacher's end-of-sequence token; None gives EOT no mass before the end.
     within_token: keep only the canonical token holding each offset (mode "within_token").
-    backend: "torch", "triton" or "auto": what computes the running sums (`bld_scale.convert.backends`).
+    backend: "torch", "triton" or "auto": what computes the running sums and the log-add of the
+      edges (`bld_scale.convert.backends`).
     log_normaliser: `[L + 1]` logsumexp of each row when `logprobs` holds the teacher's raw logits
       (float32 or bfloat16): the conversion then reads the logits once and never writes their
       log-softmax (`bld_scale.convert.dispatch.teacher_token_logits`).
@@ -94,7 +94,7 @@ def one_pass_texts(rows: torch.Tensor, texts: Sequence[tuple[int, Sequence[int]]
     log_normaliser: `[R]`, when `rows` are raw logits. Returns one `[N_b + 1, 257]` tensor per text.
     """
     device = rows.device
-    running_sums = running_sums_class(backend, device)
+    resolve_backend(backend, device)  # refuse what cannot run before any work
     layouts = [token_layout(ids, vocab) for _, ids in texts]
     first = [int(f) for f, _ in texts]
     lengths = [len(ids) for _, ids in texts]
@@ -126,10 +126,8 @@ def one_pass_texts(rows: torch.Tensor, texts: Sequence[tuple[int, Sequence[int]]
     split_n = np.concatenate([n + off for (_, n, _), off in zip(splits, out_offsets)] or [np.zeros(0, np.int64)])
     split_node = np.concatenate([node for _, _, node in splits] or [np.zeros(0, np.int64)])
     memory = rows.numel() * rows.element_size()
-    edges = split_edges(rows, split_k, split_n, split_node, log_prefix, vocab.index, memory,
-                        running_sums=running_sums, log_normaliser=log_normaliser)
-    out = scatter_edges(out, edges, log_prefix, rows, vocab.index.torch_tables(device)["perm"],
-                        log_normaliser=log_normaliser)
+    out = log_add_splits(out, rows, split_k, split_n, split_node, log_prefix, vocab.index, memory, backend=backend,
+                         log_normaliser=log_normaliser)
     out = normalise_rows(out)
     return [out[int(a):int(b)] for a, b in zip(out_offsets[:-1], out_offsets[1:])]
 

@@ -23,10 +23,13 @@ _CHUNK_MEMORY_FRACTION = 0.2
 _MIN_CHUNK_BYTES = 64 << 20
 
 
-def chunk_rows(num_rows: int, sorted_size: int, logits_bytes: int) -> int:
-    """Rows whose running sums fit in a fraction of the logits' own size (at least one)."""
+def chunk_rows(num_rows: int, sorted_size: int, logits_bytes: int, entry_bytes: int = 4 + 8 + 8) -> int:
+    """Rows whose running sums fit in a fraction of the logits' own size (at least one).
+
+    entry_bytes: working memory per sorted-vocabulary entry of a row (torch: float32 values,
+    float64 copy and sums; the Triton kernels write the float64 sums only, 8)."""
     budget = max(int(_CHUNK_MEMORY_FRACTION * logits_bytes), _MIN_CHUNK_BYTES)
-    per_row = (max(sorted_size, 1) + 1) * (4 + 8 + 8)  # float32 values, float64 copy and sums
+    per_row = (max(sorted_size, 1) + 1) * entry_bytes
     return int(max(1, min(num_rows, budget // per_row)))
 
 
@@ -34,6 +37,13 @@ def chunk_rows(num_rows: int, sorted_size: int, logits_bytes: int) -> int:
 _RUNNING_SUM_ERROR = 1e-15
 # An edge is recomputed directly when that error could move its row by more than this, relatively.
 _REFINE_TOLERANCE = 1e-9
+
+
+def masses_too_small(log_weight: torch.Tensor, row_total: torch.Tensor) -> torch.Tensor:
+    """Whether a split's masses (weight `log_weight`, into a byte row of log total `row_total`) are
+    too small for a difference of running sums: its error could move the row by more than the
+    tolerance. Elementwise; the rule `refine_small_masses` applies to every edge of the split."""
+    return log_weight + math.log(_RUNNING_SUM_ERROR) - row_total > math.log(_REFINE_TOLERANCE)
 
 
 def refine_small_masses(out, edges, log_prefix, logprobs, perm, log_normaliser=None) -> bool:
@@ -46,8 +56,7 @@ def refine_small_masses(out, edges, log_prefix, logprobs, perm, log_normaliser=N
     """
     row_total = torch.logsumexp(out, dim=1)
     n = edges["target"] // NUM_BYTE_OUTCOMES
-    bound = log_prefix[edges["k"]] + math.log(_RUNNING_SUM_ERROR) - row_total[n]
-    flagged = torch.nonzero(bound > math.log(_REFINE_TOLERANCE)).flatten()
+    flagged = torch.nonzero(masses_too_small(log_prefix[edges["k"]], row_total[n])).flatten()
     if flagged.numel() == 0:
         return False
     k, lo, hi = edges["k"][flagged], edges["lo"][flagged], edges["hi"][flagged]

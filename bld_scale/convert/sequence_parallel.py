@@ -162,7 +162,7 @@ def _local_rows(gathered, local_logprobs, teacher_ids, vocab, teacher_bounds, wa
             root_lp = prefixes[holder_t] + roots.double()[holder_t, torch.arange(n_roots, device=device)]
             acc, made = partial_exact_rows(local_logprobs[b], ids, vocab, k0, before, lo, hi, ctx=ctx, contexts=owned[b],
                                            root_lp=root_lp, teacher=teacher_model, bos_id=int(bos_ids[b]),
-                                           eos_id=eos_id, max_tokens=max_tokens)
+                                           eos_id=eos_id, max_tokens=max_tokens, backend=backend)
             forwards += made
         else:
             acc = partial_one_pass_rows(local_logprobs[b], ids, vocab, k0, before, lo, hi, eos_id=eos_id,

@@ -17,10 +17,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bld_scale.convert.backends import log_add_splits
 from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, token_layout
 from bld_scale.convert.exact import _contexts_by_node, _node_weights
 from bld_scale.convert.exact_contexts import ExactContexts
-from bld_scale.convert.running_sums import logaddexp_scatter, scatter_edges, split_edges
+from bld_scale.convert.running_sums import logaddexp_scatter
 from bld_scale.convert.shard_rows import canonical_logprobs, partial_one_pass_rows
 from bld_scale.convert.tree_forward import iter_tree_logprobs, plan_tree
 from bld_scale.tokenize.token_bytes import TokenBytes
@@ -88,14 +89,14 @@ def exact_forwards(ctx: ExactContexts, contexts: np.ndarray, n_ids: int, max_tok
 def partial_exact_rows(local_logprobs: torch.Tensor, ids: Sequence[int], vocab: TokenBytes, k0: int,
                        prefix_before, lo: int, hi: int, *, ctx: ExactContexts, contexts: np.ndarray,
                        root_lp: torch.Tensor, teacher, bos_id: int, eos_id: int | None = None,
-                       max_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+                       max_tokens: int = 4096, backend: str = "torch") -> tuple[torch.Tensor, int]:
     """Unnormalised log rows `[hi - lo, 257]` of mode exact for this rank, and its tree forwards.
 
     contexts: the extra contexts this rank converts (`context_owners`); root_lp: the full
     `log P(tau up to each root)` (float64, indexed like `tree_roots`); teacher: the model
-    `bld_scale.convert.tree_forward` calls.
+    `bld_scale.convert.tree_forward` calls; backend: what computes the running sums and the log-add.
     """
-    acc = partial_one_pass_rows(local_logprobs, ids, vocab, k0, prefix_before, lo, hi, eos_id=eos_id)
+    acc = partial_one_pass_rows(local_logprobs, ids, vocab, k0, prefix_before, lo, hi, eos_id=eos_id, backend=backend)
     if contexts.size == 0:
         return acc, 0
     device = acc.device
@@ -113,7 +114,6 @@ def partial_exact_rows(local_logprobs: torch.Tensor, ids: Sequence[int], vocab: 
     starts_c = np.asarray(ctx.starts, dtype=np.int64)[contexts]
     extra = torch.full_like(acc, -math.inf)
     index, memory = vocab.index, local_logprobs.numel() * local_logprobs.element_size()
-    perm = index.torch_tables(device)["perm"]
     forwards = 0
     for chunk in iter_tree_logprobs(teacher, [int(bos_id)] + [int(i) for i in ids], parent, tokens,
                                     max_tokens=max_tokens):
@@ -133,7 +133,7 @@ def partial_exact_rows(local_logprobs: torch.Tensor, ids: Sequence[int], vocab: 
                               c_w + c_rows[:, int(eos_id)].double())
         c, end, node = index.walk(data, c_start)
         keep = end < len(data)
-        edges = split_edges(c_rows, c[keep], end[keep] - lo, node[keep], c_w, index, memory)
-        extra = scatter_edges(extra, edges, c_w, c_rows, perm, totals_with=acc)
+        extra = log_add_splits(extra, c_rows, c[keep], end[keep] - lo, node[keep], c_w, index, memory, backend=backend,
+                               totals_with=acc)
     return torch.logaddexp(acc, extra), forwards
 

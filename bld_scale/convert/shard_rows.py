@@ -13,9 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bld_scale.convert.backends import running_sums_class
+from bld_scale.convert.backends import log_add_splits
 from bld_scale.convert.byte_rows import EOT, NUM_BYTE_OUTCOMES, token_layout
-from bld_scale.convert.running_sums import scatter_edges, split_edges
 from bld_scale.convert.shard_plan import token_ends
 from bld_scale.tokenize.token_bytes import TokenBytes
 
@@ -60,7 +59,5 @@ def partial_one_pass_rows(local_logprobs: torch.Tensor, ids: Sequence[int], voca
     if np.any(end >= hi):
         raise AssertionError(f"a split ends at byte row {int(end.max())}, past this rank's range end {hi}")
     memory = local_logprobs.numel() * local_logprobs.element_size()
-    edges = split_edges(rows, k, end - lo, node, log_prefix, index, memory,
-                        running_sums=running_sums_class(backend, device))
     # local row totals are at most the group's, so this flags every edge the unsplit run would
-    return scatter_edges(acc, edges, log_prefix, rows, index.torch_tables(device)["perm"])
+    return log_add_splits(acc, rows, k, end - lo, node, log_prefix, index, memory, backend=backend)

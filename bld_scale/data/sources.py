@@ -216,6 +216,14 @@ class WindowStream:
         self._iter_pos = self.position
         return out
 
+    def fork(self) -> "WindowStream":
+        """A stream of its own over the same documents, at this one's position: a reader thread
+        takes windows from it ahead of training while this one keeps the position training has
+        consumed (what checkpoints save)."""
+        twin = WindowStream(self.documents, self.window_bytes, self.seed, self.shuffle, log=self.log, key=self.key)
+        twin.position = self.position
+        return twin
+
     def _epoch_ended(self, epoch: int, count: int) -> None:
         if self.log is None or self._said_tiny:
             return

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from bld_scale.config import flash_attention_problem
+from bld_scale.model.fused_loss import fused_token_ce
 from bld_scale.model.heads import ByteHead, build_byte_head, load_byte_head, save_byte_head
 from bld_scale.model.projectors import DualSpaceProjectors
 
@@ -72,15 +73,23 @@ class Student(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prev_bytes: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False, **lm_kwargs) -> tuple[torch.Tensor, ...]:
+                return_hidden: bool = False, token_labels: torch.Tensor | None = None,
+                **lm_kwargs) -> tuple[torch.Tensor, ...]:
         """Token logits [B,J,V] and byte logits [B,J,K,257] for every position.
 
         ``prev_bytes [B,J,K]``: the true bytes of the token each position predicts (-100 masked);
         the linear head ignores it (may be None), the causal head needs it. ``return_hidden``:
         also return the last hidden state ``[B,J,H]`` (third). ``position_ids``
         restarting at 0 with ``attention_mask=None`` mark packed sequences (``bld_scale.data.packing``):
-        attention stays inside each.
+        attention stays inside each. ``token_labels [B,J]`` given (``student.liger_fused_ce``):
+        the mean token cross-entropy against them (a scalar) comes first instead of the logits,
+        the head fused into it (``bld_scale.model.fused_loss``): the logits are never made.
         """
+        if token_labels is not None:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False, **lm_kwargs).last_hidden_state
+            ce = fused_token_ce(hidden, self.lm.get_output_embeddings(), token_labels)
+            return (ce, self.byte_head(hidden, prev_bytes)) + ((hidden,) if return_hidden else ())
         captured: dict[str, torch.Tensor] = {}
 
         def keep_last_hidden(_module, _args, output):

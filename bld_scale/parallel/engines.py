@@ -53,9 +53,28 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     os.environ.setdefault("LOCAL_RANK", "0")
     if _on_gpu():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        _without_cpu_shm_allreduce()
     deepspeed.init_distributed(dist_backend="nccl" if _on_gpu() else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _without_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
+
+    On CPU, `deepspeed.init_distributed` JIT-compiles a C++ op (ninja + the torch headers: ~20 s
+    on an idle 2-core machine, the first run on each machine) and, under the `deepspeed`
+    launcher, every rank maps a 66 MB `/dev/shm/deepspeed_allreduce_buffer_*` file that DeepSpeed
+    never unlinks. The op serves only DeepSpeed-Inference's `inference_all_reduce`, which training
+    never calls; the buffers left by every run filled this machine's /dev/shm (RAM) until a
+    compile took 18 minutes and the CI run timed out. Marking the op incompatible is the switch
+    DeepSpeed itself reads (`deepspeed.comm.torch.build_shm_op`); gloo does the all-reduces.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def shutdown_distributed() -> None:
@@ -206,7 +225,15 @@ def build_student_engine(model: torch.nn.Module, recipe: Recipe, ds_config: dict
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
 
+    if recipe.student.liger_fused_ce and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        # the fused CE reads the token head's weight without running the head's forward, whose
+        # hooks would gather it: gathered with the student's own forward instead (model.fused_loss)
+        deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config)
     engine.train()
+    if t.compile:  # train.compile: after ZeRO's hooks are in place (bld_scale.parallel.compiled)
+        from bld_scale.parallel.compiled import compile_student
+
+        compile_student(engine, t.compile_backend)
     return engine

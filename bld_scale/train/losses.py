@@ -179,17 +179,21 @@ def bld_loss(token_logits: torch.Tensor, token_labels: torch.Tensor,
              teacher_logq: torch.Tensor | None = None, teacher_mask: torch.Tensor | None = None,
              *, lambda_ce: float = 1.0, lambda_b: float = 1.0, lambda_kl: float = 0.1,
              divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-             log_disabled: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             log_disabled: bool = False, token_ce_value: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BLD objective (Singh et al. 2026): ``lambda_ce*CE(token) + lambda_b*CE(bytes) + lambda_kl*D``.
 
     ``teacher_logq [B,J,K,257]`` / ``teacher_mask [B,J,K]``: from ``gather_teacher_rows``.
     A term whose lambda is 0 is not computed at all (its inputs may be None); with
     ``log_disabled`` it is still evaluated for the logs, under no_grad, when its inputs are given.
+    ``token_ce_value``: the token CE already computed (the head fused into it,
+    ``bld_scale.model.fused_loss``), used as ``CE(token)``; ``token_logits`` may then be None.
     Returns the total and a dict of detached scalar tensors ``loss_ce``, ``loss_byte_ce``,
     ``loss_kl`` (the enabled ones; detached tensors, so logging forces no device sync here).
     """
     terms = {
-        "loss_ce": (lambda_ce, lambda: token_ce(token_logits, token_labels)),
+        "loss_ce": (lambda_ce, lambda: token_ce(token_logits, token_labels) if token_ce_value is None
+                    else token_ce_value),
         "loss_byte_ce": (lambda_b, lambda: byte_ce(byte_logits, byte_targets)),
         "loss_kl": (lambda_kl, lambda: byte_divergence(teacher_logq, byte_logits, teacher_mask, divergence,
                                                        beta=beta, temperature=temperature)),

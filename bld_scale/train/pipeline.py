@@ -33,8 +33,11 @@ from bld_scale.train.step import distill_step
 from bld_scale.model.export import save_hf_folder, student_holding, write_student_files
 from bld_scale.train.ranks import all_max, all_sum, any_rank
 from bld_scale.train.setup import (load_teacher_config, seed_everything, setup_student, setup_teacher,
-                                   setup_tokenizers, student_config_dict)
+                                   setup_tokenizers, student_config_dict, teacher_placement)
 from bld_scale.train.state import TrainState
+from bld_scale.train.feed import MicroBatchFeed
+from bld_scale.train.step_timer import StepTimer
+from bld_scale.train.throughput import ModelFlops, parameter_count
 from bld_scale.train.summary import summary_table
 from bld_scale.train.heldout import HeldOutEvaluation
 from bld_scale.train.tracking import MetricsWriter
@@ -81,10 +84,12 @@ class Pipeline(HeldOutEvaluation):
         check_normal_forms([("data.train", self.corpus.train), ("data.heldout", self.corpus.heldout)],
                            [self.sides.teacher_vocab, self.sides.student_vocab], recipe.data.normalize, log=self.log)
         # loaded for every method (even `ce` reports the teacher's held-out BPB), unless targets come from a cache
+        self.placement = None if self.teacher_cache is not None else teacher_placement(
+            recipe, self.world, teacher_config, len(self.sides.student_tok), self.device, self.log)
         self.teacher = None if self.teacher_cache is not None else \
-            setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype))
+            setup_teacher(recipe, teacher_ds_config(student_cfg, recipe.teacher.dtype), self.placement.name, self.device)
         student = setup_student(recipe, len(self.sides.student_tok), teacher_config)
-        self.n_student_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
+        self.n_student_params = parameter_count(student)
         self.log(f"student: {self.n_student_params / 1e6:.2f}M parameters "
                  f"({recipe.student.head} byte head, K={recipe.student.K}); world size {self.world}")
         universal = self.resumed is not None and self.ckpt.needs_universal(self.resumed)
@@ -96,6 +101,8 @@ class Pipeline(HeldOutEvaluation):
             self.log(f"sequence parallel: {self.layout.sp_size} ranks share each window (DeepSpeed Ulysses), "
                      f"{self.layout.dp_size} data-parallel replicas")
         self.pair = PairTokenizer(self.sides.teacher_vocab, self.sides.student_vocab)
+        self.timer, self.feed = StepTimer(self.device), None  # step parts; micro-batches (made in train())
+        self.flops = ModelFlops.of_run(recipe, self.teacher, self.n_student_params, self.world, self.device)
         data = recipe.data
         self.stream = WindowStream(self.corpus.train, data.window_bytes, recipe.seed, log=self.log)
         heldout = self.corpus.heldout
@@ -127,23 +134,36 @@ class Pipeline(HeldOutEvaluation):
         if self.rank == 0:
             print(f"[bld_scale] {message}", flush=True)
 
-    def _batch(self, windows):
+    def _layout(self, windows):
         layout = pack if self.recipe.data.pack else collate  # packed: one row, no padding
-        batch = layout([self.pair(w) for w in windows], self.recipe.student.K,
-                       self.sides.teacher_bos, self.sides.student_bos)
-        return batch.to(self.device)
+        return layout([self.pair(w) for w in windows], self.recipe.student.K,
+                      self.sides.teacher_bos, self.sides.student_bos)
+
+    def _batch(self, windows):
+        return self._layout(windows).to(self.device)
+
+    def _prepare(self, windows, first: int):
+        """A training micro-batch on the host (the feed's thread with data.prefetch): windows `first`,
+        `first + 1`, ... of the stream laid out, and their cached byte targets (None without a cache)."""
+        batch = self._layout(windows)
+        return batch, self.teacher_cache.targets(batch, windows, first) if self.teacher_cache is not None else None
 
     def _teacher_forward(self, ids, mask, position_ids=None):
-        if position_ids is None:
-            return self.teacher(input_ids=ids, attention_mask=mask).logits
+        self.timer.mark("teacher")  # ignored outside a training step
         # a packed row: without a KV cache transformers keeps attention inside each window
-        return self.teacher(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        packed = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+        logits = self.teacher(input_ids=ids, attention_mask=mask, **packed).logits
+        self.timer.mark("conversion")  # what follows a teacher forward, up to the loss
+        return logits
 
     def _all_sum(self, values: list[float]) -> list[float]:
         return all_sum(values, self.device, self.world)
 
     def _agree_forwards(self, count: int) -> int:
-        """The most teacher forwards any rank needs this step: ZeRO-3 ranks must call it alike."""
+        """The most teacher forwards any rank needs this step: ZeRO-3 ranks must call it alike
+        (a replicated teacher's forwards are each rank's own: no agreement, no collective)."""
+        if self.placement is not None and self.placement.name == "replicate":
+            return count
         return all_max(count, self.device, self.world)
 
     def _step(self, batch, cached=None):
@@ -154,7 +174,8 @@ class Pipeline(HeldOutEvaluation):
         if self.layout.sp_size == 1:
             forward = self._teacher_forward if self.teacher is not None else None
             return distill_step(forward, self.student, batch, self.recipe.distill, teacher_targets=cached,
-                                student_vocab=self.sides.student_vocab, **kw)
+                                student_vocab=self.sides.student_vocab,
+                                fused_token_ce=self.recipe.student.liger_fused_ce, **kw)
         return sequence_parallel_step(self._teacher_forward, self.student, batch, self.recipe.distill,
                                       self.layout.sequence_group(), self.layout.group_sum,
                                       plain_attention=plain_attention, **kw)
@@ -166,6 +187,13 @@ class Pipeline(HeldOutEvaluation):
 
     def train(self) -> dict:
         """Evaluate (a fresh run), train to train.max_steps, evaluate again, write final/."""
+        try:
+            return self._train()
+        finally:  # stops the data thread whatever ended the run
+            if self.feed is not None:
+                self.feed.close()
+
+    def _train(self) -> dict:
         t = self.recipe.train
         if self.state.evals_before is None:  # a resumed run brings them from its checkpoint
             self.state.evals_before = self._evaluate_before_training()
@@ -176,26 +204,34 @@ class Pipeline(HeldOutEvaluation):
         window.begin()
         if self._agree_stop():  # asked to stop before any step: nothing new to save
             return self._stopped(start, progress)
+        self.feed, timer = MicroBatchFeed(
+            self.stream, self._prepare, steps=t.max_steps - start, global_batch=global_batch,
+            micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, dp_rank=dp_rank, dp_size=dp_size,
+            device=self.device, prefetch=self.recipe.data.prefetch,
+            teacher_share=(1.0 / self.layout.sp_size) if self.flops.n_teacher else 0.0), self.timer
         for step in range(start + 1, t.max_steps + 1):
-            first = self.stream.position + dp_rank * global_batch // dp_size  # this rank's first window
-            mine = rank_share(self.stream.take(global_batch), dp_rank, dp_size)
+            timer.start_step()
             for m in range(t.grad_accum):
-                windows = mine[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]
-                batch = self._batch(windows)
-                cached = self.teacher_cache.targets(batch, windows, first + m * t.micro_batch_size) \
-                    if self.teacher_cache is not None else None
-                loss, logs = self._step(batch, cached)
+                timer.mark("data_wait")
+                micro = self.feed.next()
+                timer.mark("student")
+                loss, logs = self._step(micro.batch, micro.cached)
+                timer.mark("student")  # the backward
                 self.student.backward(loss)
+                timer.mark("optimizer")
                 lr = self.student.get_lr()[0]  # after step() it would be the next step's
                 self.student.step()
-                window.add(logs)
+                window.add({**logs, "teacher_tokens": micro.teacher_tokens})
+                timer.add("data_prepare", micro.prepare_s)
+            timer.end_step()
             self.state.step = step
             progress.update(1)
             # decided before this step's record is written: a signal seen after it lands in the next step
             stop = self._agree_stop()
             if step % t.log_interval == 0 or step == t.max_steps:
                 record = {**window.close(self._all_sum), "data_position": self.stream.position,
-                          "epoch": self.stream.epoch, "lr": lr}
+                          "epoch": self.stream.epoch, "lr": lr, **timer.close()}
+                record.update(self.flops.fields(record))
                 self.metrics.log(step, "train", record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
             if t.eval_interval and step % t.eval_interval == 0 and step != t.max_steps:

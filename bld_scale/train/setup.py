@@ -95,18 +95,38 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(name)]
 
 
-def setup_teacher(recipe: Recipe, ds_config: dict):
-    """The frozen teacher as a ZeRO-3 inference engine; HF loads it shard by shard under ZeRO-3."""
+def setup_teacher(recipe: Recipe, ds_config: dict, placement: str = "zero3", device=None):
+    """The frozen teacher as a ZeRO-3 inference engine (HF loads it shard by shard under ZeRO-3),
+    or with `placement` "replicate" whole on `device` (`bld_scale.parallel.placement`)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from bld_scale.parallel.engines import build_teacher_engine
 
+    if placement == "replicate":
+        from bld_scale.parallel.placement import replicate_teacher
+
+        device = device if device is not None else torch.device("cpu")
+        # straight onto the device: each rank of a node holding a whole copy in host memory first
+        # (8 x 16 GB for an 8B teacher) is what this avoids
+        model = AutoModelForCausalLM.from_pretrained(teacher_section(recipe).path, dtype=_torch_dtype(recipe.teacher.dtype),
+                                                     device_map={"": device})
+        return replicate_teacher(model, device)
     keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build under zero.Init
     model = AutoModelForCausalLM.from_pretrained(teacher_section(recipe).path, dtype=_torch_dtype(recipe.teacher.dtype))
     engine = build_teacher_engine(model, ds_config)
     del keep_alive
     return engine
+
+
+def teacher_placement(recipe: Recipe, world: int, teacher_config, student_vocab_size: int, device, log=print):
+    """`teacher.placement` resolved for this run (`bld_scale.parallel.placement`), and logged with why."""
+    from bld_scale.parallel.placement import placement_for
+
+    student = {**student_config_dict(recipe), "vocab_size": student_vocab_size}
+    placement = placement_for(recipe, world, teacher_config, student, device)
+    log(f"teacher placement: {placement.name} ({placement.reason})")
+    return placement
 
 
 def student_config_dict(recipe: Recipe) -> dict:
@@ -134,8 +154,26 @@ def setup_student(recipe: Recipe, vocab_size: int, teacher_config=None):
         if teacher_config is None:
             raise ValueError("distill.method dskd sizes its projectors by the teacher: pass teacher_config")
         teacher_hidden = teacher_config.get_text_config().hidden_size
-    return build_student(config, head_kind=s.head, K=s.K, attn_implementation=student_attention(recipe),
-                         head_size=head_size, teacher_hidden_size=teacher_hidden)
+    student = build_student(config, head_kind=s.head, K=s.K, attn_implementation=student_attention(recipe),
+                            head_size=head_size, teacher_hidden_size=teacher_hidden)
+    setup_liger(student, recipe)
+    if recipe.train.activation_checkpointing:
+        from bld_scale.model.recompute import enable_activation_checkpointing
+
+        enable_activation_checkpointing(student)
+    return student
+
+
+def setup_liger(student, recipe: Recipe) -> None:
+    """student.liger_layers / student.liger_fused_ce: Liger's kernels in the student's layers, and the
+    check that its head can be fused into the CE (refusals name the key)."""
+    from bld_scale.model.fused_loss import check_fusable
+    from bld_scale.model.liger_layers import apply_liger_layers
+
+    if recipe.student.liger_layers:
+        apply_liger_layers(student.lm)
+    if recipe.student.liger_fused_ce:
+        check_fusable(student.lm)
 
 
 def student_attention(recipe: Recipe) -> str:

@@ -43,7 +43,7 @@ class LogWindow:
         self._carried = float(seconds)
 
     def add(self, logs: dict) -> None:
-        """One micro-batch's logs ("tokens" and "bytes" are counts, the rest averaged). Tensors are
+        """One micro-batch's logs ("tokens", "bytes", "teacher_tokens" are counts, the rest averaged). Tensors are
         summed where they are (float64), so no step waits for the device; `global_sums` reads them."""
         for key, value in logs.items():
             value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
@@ -61,9 +61,11 @@ class LogWindow:
         seconds = self.seconds()
         totals = self.global_sums(all_sum)
         count = totals.pop("_micro")  # micro-batches over all ranks since the last record
-        record = {k: v / count for k, v in totals.items() if k not in ("tokens", "bytes")}
+        record = {k: v / count for k, v in totals.items() if k not in ("tokens", "bytes", "teacher_tokens")}
         record["tokens_per_s"] = totals.get("tokens", 0.0) / seconds
         record["bytes_per_s"] = totals.get("bytes", 0.0) / seconds
+        if "teacher_tokens" in totals:  # teacher positions run forward (0 without a teacher forward)
+            record["teacher_tokens_per_s"] = totals["teacher_tokens"] / seconds
         self.sums, self._start = {}, time.perf_counter()
         return record
 

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from bld_scale.config import DistillConfig
+from bld_scale.config.kernels import FUSED_CE_METHODS
 from bld_scale.convert.dispatch import TeacherForward, teacher_byte_targets, teacher_token_logprobs
 from bld_scale.data.batch import DistillBatch
 from bld_scale.train.baselines.terms import alm_term, dskd_term, mined_term, teacher_hidden_and_logprobs
@@ -104,7 +105,7 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
                  agree_forwards: Callable[[int], int] | None = None,
                  teacher_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
                  student_vocab: TokenBytes | None = None, teacher_hidden: torch.Tensor | None = None,
-                 byte_targets_cache: dict | None = None):
+                 byte_targets_cache: dict | None = None, fused_token_ce: bool = False):
     """Loss of one batch and the logs of each term (detached).
 
     `cfg` is the recipe's `distill` section (method, weights, divergence, conversion).
@@ -124,21 +125,30 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
     `bld` converts once per conversion rule. Returns `(loss, logs)`; logs hold `loss`, `loss_ce`,
     and per method `loss_byte_ce`, `loss_kl`, `loss_uld`, `loss_kd`, `loss_mined`, `loss_alm` or
     `loss_kd_student`, `loss_kd_teacher`, `loss_ce_t2s`, `t2s_accuracy`, plus `tokens` and `bytes`
-    counted in the batch (tensors: see below).
+    counted in the batch (tensors: see below). `fused_token_ce` (`student.liger_fused_ce`, methods
+    `ce` and `bld`): the student is handed the labels and returns the token CE with its head fused
+    in (`bld_scale.model.fused_loss`) in place of the token logits, which are never made.
     """
     if cfg.method not in METHODS:
         raise ValueError(f"unknown distill.method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     method = cfg.method
     if method in ALIGNING_METHODS and batch.packing is not None:
         raise ValueError(f"distill.method {method!r} aligns padded windows; set data.pack: false")
+    if fused_token_ce and method not in FUSED_CE_METHODS:
+        raise ValueError(f"student.liger_fused_ce serves methods {' and '.join(FUSED_CE_METHODS)}, whose only use of the "
+                         f"token logits is the CE; distill.method {method!r} reads the logits: set it to false")
     hidden_wanted = {"return_hidden": True} if method == "dskd" else {}
-    token_logits, byte_logits, *hidden = student(**batch.student_inputs(), prev_bytes=batch.byte_targets,
-                                                 **hidden_wanted)
+    if fused_token_ce:
+        hidden_wanted["token_labels"] = batch.student_labels
+    token_out, byte_logits, *hidden = student(**batch.student_inputs(), prev_bytes=batch.byte_targets,
+                                              **hidden_wanted)
+    # the head fused into the CE: the student returned the CE, and there are no logits
+    token_logits, fused_ce = (None, token_out) if fused_token_ce else (token_out, None)
     # tensors, not floats: reading them here would stop the host for the device every micro-batch;
     # the pipeline's LogWindow sums them where they are and reads them once per logged step
     counts = {"tokens": (batch.student_labels != -100).sum(), "bytes": batch.n_text_bytes.sum()}
     if method == "ce":
-        loss = token_ce(token_logits, batch.student_labels)
+        loss = fused_ce if fused_token_ce else token_ce(token_logits, batch.student_labels)
         return loss, {"loss": loss.detach(), "loss_ce": loss.detach(), **counts}
     if teacher_targets is not None and method != "bld":
         raise ValueError(f"teacher_targets are byte targets, which only method 'bld' reads (not {method!r})")
@@ -162,7 +172,7 @@ def distill_step(teacher_forward: TeacherForward | None, student, batch: Distill
         loss, logs = bld_loss(token_logits, batch.student_labels, byte_logits, batch.byte_targets,
                               rows, row_mask, lambda_b=cfg.lambda_b, lambda_kl=cfg.lambda_kl,
                               divergence=cfg.divergence, beta=cfg.beta,
-                              temperature=cfg.temperature)
+                              temperature=cfg.temperature, token_ce_value=fused_ce)
         return loss, {**{k: v.detach() for k, v in logs.items()}, "loss": loss.detach(), **counts}
     if method == "dskd" and teacher_hidden is None:
         teacher_hidden, logprobs = teacher_hidden_and_logprobs(teacher_model, batch)

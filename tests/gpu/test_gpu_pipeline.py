@@ -3,7 +3,8 @@
 Runs part (c) of tools/gpu_check.py at its small size: `deepspeed --num_gpus 1 launch/distill.py`
 for 10 steps (bf16, ZeRO-3), `final/` checked weight by weight against the step-10 checkpoint
 (consolidated from the ZeRO-3 shards; equal up to one rounding to the saved dtype), then a resume to step 12
-checked for its records, checkpoint and summary. The full-size run is `python tools/gpu_check.py`.
+checked for its records, checkpoint and summary; the step parts (CUDA events) and MFU it logged. The
+full-size run is `python tools/gpu_check.py`.
 """
 from __future__ import annotations
 
@@ -34,3 +35,10 @@ def test_zero3_final_save_and_resume_on_one_gpu(tmp_path):
     assert report["resume_ok"] is True, c.get("resume_error")
     assert c["final_save"]["max_relative_diff"] <= 2.0 ** -8
     assert report["pipeline_tokens_per_s"] > 0
+    # step parts from CUDA events: in every record the device parts fit in the device's span of the step
+    lines = (tmp_path / "work" / "run" / "metrics.jsonl").read_text().splitlines()
+    for r in [json.loads(line) for line in lines if '"train"' in line]:
+        device_parts = sum(r[f"time_{k}"] for k in ("student", "teacher", "conversion", "optimizer"))
+        assert r["time_teacher"] > 0 and 0 < device_parts <= r["time_step"] + 1e-5, r  # events: ~0.5 us resolution
+    if report["peak_bf16_tflops"] is not None:  # a GPU of the table: the pipeline's MFU is logged
+        assert 0 < report["pipeline_mfu"] < 1 and c["pipeline_mfu_peak_tflops"] == report["peak_bf16_tflops"]

@@ -2,10 +2,14 @@
 
 Seven launches are shared by every test here (module-scoped; ~6-7 min on 2 shared cores):
 - `straight`: 2 ranks straight to step 8, saving every 3 steps (3, 6 and the end, 8; keep 2). It
-  starts with --fresh in a folder seeded with a fake earlier run, which must be discarded.
-- `preempted`: the same run; when step 3's record appears the test sends SIGUSR1 to rank 0 and
-  SIGTERM to rank 1 (as SLURM signals every task). The ranks agree at the step-4 boundary, save
-  step-4 and exit 0; the same command then resumes to step 8.
+  starts with --fresh in a folder seeded with a fake earlier run, which must be discarded. Its
+  micro-batches are made on the training thread (data.prefetch=0).
+- `preempted`: the same run, its micro-batches made 3 ahead in the data thread (data.prefetch=3,
+  so when it stops the thread has taken windows past the saved step), with logging.peak_tflops
+  set (an mfu on CPU); when step 3's record appears the test sends SIGUSR1 to rank 0 and SIGTERM
+  to rank 1 (as SLURM signals every task). The ranks agree at the step-4 boundary, save step-4 and
+  exit 0; the same command then resumes to step 8. Its losses equal `straight`'s: prefetching
+  changes no batch, and the resumed part starts at the consumed position.
 - `one_rank`: a copy of `straight` pointed back at step-6 resumes on 1 rank (bare python,
   grad_accum 2: the same global batch) through DeepSpeed's universal checkpoint, recording the
   engine's logits on a fixed batch right after loading (tests/scripts/resume_probe.py).
@@ -38,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from launching import DISTILL, REPO, free_port, rank_env, records, torchrun
+from launching import DISTILL, REPO, rank_env, records, run_launch, torchrun
 from old_checkpoints import as_format_1
 PROBE = REPO / "tests" / "scripts" / "resume_probe.py"
 TEACHER = REPO / "bld_scale" / "assets" / "demo" / "teacher"
@@ -48,11 +52,8 @@ pytestmark = pytest.mark.slow
 COMMON = ["train.max_steps=8", "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=0",
           "train.warmup_steps=2", "data.heldout=[]", "checkpoint.interval=3", "checkpoint.keep=2"]
 KEYS = ("loss", "loss_ce", "loss_byte_ce", "loss_kl", "lr")
-
-
-def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout)
-    return proc
+PEAK = 0.5  # logging.peak_tflops of `preempted`
+STEP_PARTS = ("time_data_wait", "time_student", "time_teacher", "time_conversion", "time_optimizer")
 
 
 def _ok(proc) -> str:
@@ -87,7 +88,7 @@ def straight(tmp_path_factory):
     (out / "checkpoints" / "step-99" / "meta.json").write_text("{}")
     (out / "checkpoints" / "latest").write_text("step-99\n")
     t0 = time.time()
-    log = _ok(_run(torchrun(2, "--fresh", f"output_dir={out}", *COMMON)))
+    log = _ok(run_launch(torchrun(2, "--fresh", f"output_dir={out}", *COMMON, "data.prefetch=0")))
     return out, log, time.time() - t0
 
 
@@ -96,7 +97,7 @@ def preempted(tmp_path_factory):
     import psutil
 
     out = tmp_path_factory.mktemp("preempted")
-    cmd = torchrun(2, f"output_dir={out}", *COMMON)
+    cmd = torchrun(2, f"output_dir={out}", *COMMON, "data.prefetch=3", f"logging.peak_tflops={PEAK}")
     agent = subprocess.Popen(cmd, cwd=REPO, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     try:
@@ -116,7 +117,7 @@ def preempted(tmp_path_factory):
             os.killpg(agent.pid, signal.SIGKILL)  # only this test's own process group
     assert agent.returncode == 0, first_log[-4000:]
     after_stop = {"records": records(out), "latest": _latest(out), "steps": _steps(out), "seen": seen}
-    second_log = _ok(_run(cmd))
+    second_log = _ok(run_launch(cmd))
     return out, after_stop, first_log, second_log
 
 
@@ -127,7 +128,7 @@ def one_rank(straight, tmp_path_factory):
     shutil.copytree(src, out, dirs_exist_ok=True)
     (out / "checkpoints" / "latest").write_text("step-6\n")  # as if the run had stopped at step 6
     probe = out / "probe.pt"
-    proc = _run([sys.executable, str(PROBE), str(probe), f"output_dir={out}", *COMMON, "train.grad_accum=2"])
+    proc = run_launch([sys.executable, str(PROBE), str(probe), f"output_dir={out}", *COMMON, "train.grad_accum=2"])
     return out, probe, _ok(proc)
 
 
@@ -140,7 +141,7 @@ def old_format(straight, tmp_path_factory):
     meta = out / "checkpoints" / "step-6" / "meta.json"
     meta.write_text(json.dumps(as_format_1(json.loads(meta.read_text())), indent=2))
     (out / "checkpoints" / "step-6" / "manifest.json").unlink()  # format 1 had none
-    return out, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
+    return out, _ok(run_launch(torchrun(2, f"output_dir={out}", *COMMON)))
 
 
 RANK_1_SHARD = "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -158,7 +159,7 @@ def damaged_latest(straight, tmp_path_factory):
         f.write(bytes(65536))
     assert shard.stat().st_size == size
     before = records(out, "summary")
-    return out, before, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
+    return out, before, _ok(run_launch(torchrun(2, f"output_dir={out}", *COMMON)))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def latest_deleted(straight, tmp_path_factory):
     shutil.copytree(src, out, dirs_exist_ok=True)
     (out / "checkpoints" / "latest").unlink()
     metrics = (out / "metrics.jsonl").read_text()
-    return out, metrics, _ok(_run(torchrun(2, f"output_dir={out}", *COMMON)))
+    return out, metrics, _ok(run_launch(torchrun(2, f"output_dir={out}", *COMMON)))
 
 
 # ------------------------------------------------------------------------------------- saving
@@ -234,6 +235,20 @@ def test_resume_is_exact(straight, preempted):
     assert [r["step"] for r in resumed] == list(range(stopped + 1, 9))
 
 
+def test_train_records_carry_step_parts_and_mfu(straight, preempted):
+    """Seconds per step of each part (host clock on CPU: they add up to the step), TFLOP/s, and an mfu
+    only where a peak is known (`preempted` gives one; a CPU has none in the table)."""
+    for out, peak in ((straight[0], None), (preempted[0], PEAK)):
+        for r in records(out):
+            assert all(r[k] >= 0 for k in STEP_PARTS) and r["time_teacher"] > 0 and r["time_data_prepare"] > 0, r
+            assert sum(r[k] for k in STEP_PARTS) == pytest.approx(r["time_step"], rel=1e-6), r
+            assert r["teacher_tokens_per_s"] > 0 and r["tflops"] > 0
+            if peak is None:
+                assert "mfu" not in r
+            else:
+                assert r["mfu"] == pytest.approx(r["tflops"] / peak) and r["mfu_peak_tflops"] == peak
+
+
 # ------------------------------------------------------------------------------------- another world size
 def test_two_rank_checkpoint_resumes_on_one_rank(straight, one_rank):
     ref, _, _ = straight
@@ -248,13 +263,17 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight, one_rank):
 def test_a_checkpoint_resumes_under_sequence_parallelism(straight, tmp_path):
     """The 2-rank run's step-6 checkpoint resumed with parallel.sequence_parallel=2 (both ranks share
     each window; grad_accum 2 keeps the same 4 windows per step in the same micro-batches): steps
-    7-8 as the straight run's (mode cover), and checkpoints and the final folder written under SP."""
+    7-8 as the straight run's (mode cover), and checkpoints and the final folder written under SP.
+    The resumed run replicates the teacher the straight run sharded (teacher.placement is not part
+    of a checkpoint: the teacher is never saved), with the same losses."""
     ref, _, _ = straight
     out = tmp_path / "sp"
     shutil.copytree(ref, out, dirs_exist_ok=True)
     (out / "checkpoints" / "latest").write_text("step-6\n")
-    log = _ok(_run(torchrun(2, f"output_dir={out}", *COMMON, "train.grad_accum=2", "parallel.sequence_parallel=2")))
+    log = _ok(run_launch(torchrun(2, f"output_dir={out}", *COMMON, "train.grad_accum=2", "parallel.sequence_parallel=2",
+                                  "teacher.placement=replicate")))
     assert "same world size" in log and "sequence parallel: 2 ranks share each window" in log
+    assert "teacher placement: replicate" in log
     _same(records(out), records(ref), rel=1e-5)
     assert _steps(out) == ["step-6", "step-8"] and _latest(out) == "step-8"
     meta = json.loads((out / "checkpoints" / "step-8" / "meta.json").read_text())
@@ -315,7 +334,7 @@ def test_when_no_checkpoint_verifies_the_run_is_refused_and_metrics_keep_their_r
 
 # ------------------------------------------------------------------------------------- refusals
 def _refused(out: Path, *overrides: str) -> str:
-    proc = _run([sys.executable, str(DISTILL), f"output_dir={out}", *COMMON, *overrides], timeout=300)
+    proc = run_launch([sys.executable, str(DISTILL), f"output_dir={out}", *COMMON, *overrides], timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cannot resume" in proc.stderr
     return proc.stderr
@@ -360,8 +379,8 @@ def test_export_hf_matches_the_training_engine(straight, one_rank, tmp_path):
     assert ref["step"] == 6
     full, bare = tmp_path / "hf", tmp_path / "hf_bare"
     tool = REPO / "tools" / "export_hf.py"
-    _ok(_run([sys.executable, str(tool), str(src / "checkpoints" / "step-6"), str(full)]))
-    _ok(_run([sys.executable, str(tool), str(src / "checkpoints" / "step-6"), str(bare), "--no-byte-head"]))
+    _ok(run_launch([sys.executable, str(tool), str(src / "checkpoints" / "step-6"), str(full)]))
+    _ok(run_launch([sys.executable, str(tool), str(src / "checkpoints" / "step-6"), str(bare), "--no-byte-head"]))
     assert (full / "byte_head.safetensors").is_file() and not (bare / "byte_head.safetensors").exists()
     assert (full / "model.safetensors").is_file() and (bare / "model.safetensors").is_file()
     code = f"""
@@ -388,17 +407,17 @@ assert dt <= 1e-5 and db <= 1e-5, (dt, db)
 bare = AutoModelForCausalLM.from_pretrained({str(bare)!r})
 assert torch.equal(bare.model.embed_tokens.weight, lm.model.embed_tokens.weight)
 """
-    print(_ok(_run([sys.executable, "-c", code])))
+    print(_ok(run_launch([sys.executable, "-c", code])))
 
 
 def test_inspect_checkpoint_prints_step_recipe_sizes_and_teacher(straight):
     out, _, _ = straight
-    proc = _run([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(out)])
+    proc = run_launch([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(out)])
     text = _ok(proc)
     assert "step         8 of 8" in text and "world size   2 ranks" in text
     assert str(TEACHER) in text and "fingerprint" in text and "MB" in text
-    proc = _run([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"),
-                 str(out / "checkpoints" / "step-6"), "--json"])
+    proc = run_launch([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"),
+                       str(out / "checkpoints" / "step-6"), "--json"])
     _ok(proc)
     s = json.loads(proc.stdout)
     assert s["step"] == 6 and s["recipe"]["checkpoint"]["interval"] == 3 and s["bytes"]["total"] > 0
@@ -430,7 +449,7 @@ def test_final_folder_is_the_last_checkpoint_exported(straight, tmp_path):
     from hf_folders import assert_same_hf_folder
 
     out, _, _ = straight
-    _ok(_run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(out / "checkpoints" / "step-8"),
-              str(tmp_path / "hf")]))
+    _ok(run_launch([sys.executable, str(REPO / "tools" / "export_hf.py"), str(out / "checkpoints" / "step-8"),
+                    str(tmp_path / "hf")]))
     compared = assert_same_hf_folder(out / "final", tmp_path / "hf")
     assert "model.safetensors:lm_head.weight" in compared and "byte_head.safetensors:out.weight" in compared

@@ -21,14 +21,13 @@ ZeRO-2; and the save's peak host memory is about one fp32 copy of the model, not
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from hf_folders import assert_same_hf_folder
-from launching import DISTILL, REPO, free_port, rank_env
+from launching import DISTILL, REPO, run_launch, torchrun
 
 pytestmark = pytest.mark.slow
 PROBE = REPO / "tests" / "scripts" / "final_save_probe.py"
@@ -42,14 +41,13 @@ SHORT = ["train.max_steps=2", "train.micro_batch_size=2", "train.warmup_steps=1"
 
 
 def _ok(cmd, timeout=600) -> str:
-    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_launch(cmd, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
 
 
 def _two_ranks(script: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    return torchrun(2, *args, script=script)
 
 
 def _tied_student(folder: Path) -> Path:

@@ -8,13 +8,12 @@ room for that and none for a wrong row (a shift, another window: the KL term mov
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from launching import DISTILL, REPO, assert_same_steps, rank_env, records
+from launching import DISTILL, REPO, assert_same_steps, records, run_launch
 
 TOOL = REPO / "tools" / "cache_teacher.py"
 RUN = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=2", "train.log_interval=1",
@@ -22,16 +21,12 @@ RUN = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=2", "t
 WINDOWS = 8  # 2 steps x 2 micro-batches x 2 windows
 
 
-def _run(cmd):
-    proc = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
-    return proc
-
-
 @pytest.fixture(scope="module")
 def lossless_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "c"
-    proc = _run([sys.executable, str(TOOL), "--config", str(REPO / "launch/recipes/demo.yaml"), "--out", str(out),
-                 "--top-k", "257", "--dtype", "float32", "--max-windows", str(WINDOWS), "--windows-per-shard", "4"])
+    proc = run_launch([sys.executable, str(TOOL), "--config", str(REPO / "launch/recipes/demo.yaml"), "--out", str(out),
+                       "--top-k", "257", "--dtype", "float32", "--max-windows", str(WINDOWS),
+                       "--windows-per-shard", "4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{WINDOWS} windows in 2 shards (k=257, float32)" in proc.stdout
     return out
@@ -39,17 +34,17 @@ def lossless_cache(tmp_path_factory):
 
 def test_a_run_from_a_lossless_cache_has_the_online_losses(lossless_cache, tmp_path):
     online, cached = tmp_path / "online", tmp_path / "cached"
-    proc = _run([sys.executable, str(DISTILL), *RUN, f"output_dir={online}"])
+    proc = run_launch([sys.executable, str(DISTILL), *RUN, f"output_dir={online}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = _run([sys.executable, str(DISTILL), *RUN, f"output_dir={cached}", f"distill.teacher_cache={lossless_cache}"])
+    proc = run_launch([sys.executable, str(DISTILL), *RUN, f"output_dir={cached}", f"distill.teacher_cache={lossless_cache}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the teacher is not loaded" in proc.stdout and not records(cached, "teacher_eval")
     assert_same_steps(online, cached, 2, abs=1e-5)
 
 
 def test_a_run_past_the_cached_windows_is_refused_in_one_line(lossless_cache, tmp_path):
-    proc = _run([sys.executable, str(DISTILL), *RUN, "train.max_steps=3", f"output_dir={tmp_path}",
-                 f"distill.teacher_cache={lossless_cache}"])
+    proc = run_launch([sys.executable, str(DISTILL), *RUN, "train.max_steps=3", f"output_dir={tmp_path}",
+                       f"distill.teacher_cache={lossless_cache}"])
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [m for m in proc.stderr.splitlines() if m.startswith("bld_scale:")]
     assert line == [line[0]] and f"holds {WINDOWS} windows but this run takes 12" in line[0], proc.stderr[-2000:]

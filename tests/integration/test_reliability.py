@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from launching import DISTILL, REPO, free_port, rank_env, records, torchrun
+from launching import DISTILL, REPO, free_port, rank_env, records, run_launch, torchrun
 from teacher_copies import copy_with_shuffled_ids, copy_with_student_tokenizer
 
 STUDENT_TOKENIZER = REPO / "bld_scale" / "assets" / "demo" / "student_tokenizer"
@@ -37,10 +37,6 @@ def _deepspeed(*args) -> list[str]:
     return [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(DISTILL), *args]
 
 
-def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def _refused(proc: subprocess.CompletedProcess) -> str:
     """The one `bld_scale:` line of a refusal, after checking exit 2 and a quiet, clean exit."""
     log = proc.stdout + proc.stderr
@@ -52,7 +48,7 @@ def _refused(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_student_tokenizer_as_teacher_tokenizer_is_refused(tmp_path):
-    proc = _run(_deepspeed(f"output_dir={tmp_path / 'run'}", f"teacher.tokenizer={STUDENT_TOKENIZER}", *SHORT))
+    proc = run_launch(_deepspeed(f"output_dir={tmp_path / 'run'}", f"teacher.tokenizer={STUDENT_TOKENIZER}", *SHORT))
     line = _refused(proc)
     assert line.startswith(f"bld_scale: tokenizer mismatch: teacher tokenizer (teacher.tokenizer={STUDENT_TOKENIZER})"
                            f" is not the teacher model's")
@@ -62,8 +58,8 @@ def test_student_tokenizer_as_teacher_tokenizer_is_refused(tmp_path):
 
 def test_copied_teacher_folder_with_another_models_tokenizer_is_refused(tmp_path):
     teacher = copy_with_student_tokenizer(tmp_path / "teacher")
-    line = _refused(_run([sys.executable, str(DISTILL), f"output_dir={tmp_path / 'run'}", f"teacher.path={teacher}",
-                          *SHORT]))
+    line = _refused(run_launch([sys.executable, str(DISTILL), f"output_dir={tmp_path / 'run'}", f"teacher.path={teacher}",
+                                *SHORT]))
     assert line.startswith(f"bld_scale: tokenizer mismatch: teacher tokenizer (the tokenizer files in "
                            f"teacher.path={teacher}) is not the teacher model's")
     assert "BOS token '<s>' is id 1, the model's bos_token_id is 0" in line
@@ -71,7 +67,7 @@ def test_copied_teacher_folder_with_another_models_tokenizer_is_refused(tmp_path
 
 def test_a_refusal_after_the_models_load_exits_2_with_one_line(tmp_path):
     teacher = copy_with_shuffled_ids(tmp_path / "teacher")
-    proc = _run(_deepspeed(f"output_dir={tmp_path / 'run'}", f"teacher.path={teacher}", *SHORT))
+    proc = run_launch(_deepspeed(f"output_dir={tmp_path / 'run'}", f"teacher.path={teacher}", *SHORT))
     line = _refused(proc)
     assert line.startswith("bld_scale: tokenizer mismatch: the teacher's token-level BPB on the held-out text is ")
     assert "worse than a uniform guess over its 4096 ids" in line
@@ -99,7 +95,7 @@ def test_sigint_saves_and_resumes_and_the_running_folder_is_locked(tmp_path):
         ranks = sorted(psutil.Process(agent.pid).children(), key=lambda p: int(p.environ().get("RANK", 0)))
         assert len(ranks) == 2, ranks
 
-        second = _run([sys.executable, str(DISTILL), *common, "train.max_steps=200"])
+        second = run_launch([sys.executable, str(DISTILL), *common, "train.max_steps=200"])
         line = _refused(second)
         assert line.startswith(f"bld_scale: output_dir in use: output_dir {out} is in use by another run (pid "
                                f"{ranks[0].pid} on host {socket.gethostname()}, started ")
@@ -117,7 +113,7 @@ def test_sigint_saves_and_resumes_and_the_running_folder_is_locked(tmp_path):
     assert [r["step"] for r in records(out)] == list(range(1, stopped + 1))
     assert not (out / "run.lock").exists()
 
-    resumed = _run(torchrun(2, *common, f"train.max_steps={stopped + 2}"))
+    resumed = run_launch(torchrun(2, *common, f"train.max_steps={stopped + 2}"))
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert f"resumed from {out / 'checkpoints' / f'step-{stopped}'} at step {stopped}" in resumed.stdout
     assert [r["step"] for r in records(out)] == list(range(1, stopped + 3))  # each step once

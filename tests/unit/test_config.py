@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bld_scale.config import (Recipe, RecipeError, load_recipe, recipe_from_dict, save_resolved)
+from bld_scale.config import (Recipe, load_recipe, recipe_from_dict, save_resolved)
 from bld_scale.parallel.engines import build_ds_config, teacher_ds_config, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[2]

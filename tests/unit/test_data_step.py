@@ -286,3 +286,21 @@ def test_a_shared_byte_targets_cache_gives_the_same_loss(tiny_pair):
     second, _ = distill_step(no_teacher, student, batch, DistillConfig(method="bld"), teacher_vocab=t_vocab,
                              byte_targets_cache=cache)
     assert float(plain) == float(first) == float(second)
+
+
+def test_dskd_with_a_replicated_teacher_gives_the_bare_models_loss(tiny_pair):
+    """teacher.placement=replicate hands the step a `ReplicatedTeacher` (called like the ZeRO-3
+    engine): dskd reads its embeddings and head through `.module`; the loss is the bare model's, bit
+    for bit. (Mode exact's tree forwards through it: the launched sequence-parallel run.)"""
+    from bld_scale.parallel.placement import ReplicatedTeacher
+
+    teacher, t_vocab, s_vocab, batch = tiny_pair
+    torch.manual_seed(1)
+    student = build_student(dict(model_type="llama", vocab_size=s_vocab.vocab_size, hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2), head_kind="linear", K=6,
+                            teacher_hidden_size=32)
+    cfg = DistillConfig(method="dskd")
+    losses = [distill_step(_teacher_fn(model), student, batch, cfg, teacher_vocab=t_vocab, student_vocab=s_vocab,
+                           teacher_model=model)[0] for model in (teacher, ReplicatedTeacher(teacher))]
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])

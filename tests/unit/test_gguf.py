@@ -39,6 +39,17 @@ def _convert(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=rank_env(), timeout=600)
 
 
+def _convert_in_process(*args) -> int:
+    """tools/convert_gguf.py's main in this process (its refusals run it as a command, above): the
+    conversions of the SmolLM2 file need no second interpreter importing torch and transformers."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import convert_gguf
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    return convert_gguf.main([str(a) for a in args])
+
+
 def _one_line_refusal(proc) -> str:
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("bld_scale: ")]
@@ -205,8 +216,7 @@ def test_fp32_folder_has_the_gguf_models_logits_and_special_ids(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
     src, ids, reference, tmp = smollm2
-    proc = _convert(src, tmp / "fp32")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _convert_in_process(src, tmp / "fp32") == 0
     config = json.loads((tmp / "fp32" / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert torch.equal(_folder_logits(tmp / "fp32", ids), reference)  # same dequantised weights
@@ -220,8 +230,7 @@ def test_fp32_folder_has_the_gguf_models_logits_and_special_ids(smollm2):
 @pytest.mark.slow
 def test_bf16_folder_is_within_bf16_rounding(smollm2):
     src, ids, reference, tmp = smollm2
-    proc = _convert(src, tmp / "bf16", "--dtype", "bf16")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _convert_in_process(src, tmp / "bf16", "--dtype", "bf16") == 0
     assert json.loads((tmp / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     logits = _folder_logits(tmp / "bf16", ids)  # bf16 weights, fp32 arithmetic
     assert not torch.equal(logits, reference)  # the rounding is there...
@@ -238,7 +247,8 @@ def test_smollm2_recipe_runs_two_steps_and_its_student_generates(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), str(DISTILL), "--config", str(RECIPE), f"output_dir={out}",
-         "train.max_steps=2", "train.eval_interval=0", "checkpoint.interval=0"],
+         "train.max_steps=2", "train.eval_interval=0", "checkpoint.interval=0",
+         "data.window_bytes=256", "train.micro_batch_size=2"],
         capture_output=True, text=True, env=rank_env(), timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

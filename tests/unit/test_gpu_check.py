@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 GPU_CHECK = TOOLS / "gpu_check.py"
 HEADLINE_KEYS = ("conversion_ratio", "step_ratio", "mfu", "plain_tokens_per_s", "pipeline_tokens_per_s",
+                 "pipeline_over_plain", "pipeline_mfu", "pipeline_step_parts_s",
                  "final_save_ok", "resume_ok", "versions", "device_name", "date", "passed")
 
 
@@ -58,7 +59,7 @@ def cpu_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cpu_mode_passes_every_part_and_writes_sane_json(cpu_run):
-    proc, out, _ = cpu_run
+    proc, out, work = cpu_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     for key in HEADLINE_KEYS:
@@ -81,7 +82,21 @@ def test_cpu_mode_passes_every_part_and_writes_sane_json(cpu_run):
     assert b["step_flops"] == 2 * b["teacher_parameters"] * b["teacher_tokens"] \
         + 6 * b["student_parameters"] * b["student_tokens"]
     assert all(math.isfinite(x) for x in b["losses"]["bld_step"] + b["losses"]["ce_step"])
+    # Liger's RMSNorm and SwiGLU need CUDA: the Liger step is skipped, saying why
+    assert report["liger_speedup"] is None and "bld_step_liger" not in b["losses"] and "CPU" in b["liger_skipped"]
     c = report["parts"]["c"]
+    ratio = report["pipeline_tokens_per_s"] / report["plain_tokens_per_s"]
+    assert report["pipeline_over_plain"] == pytest.approx(ratio)
+    parts = report["pipeline_step_parts_s"]
+    assert set(parts) == {"time_data_wait", "time_data_prepare", "time_student", "time_teacher", "time_conversion",
+                          "time_optimizer", "time_step"} and all(v >= 0 for v in parts.values())
+    assert report["pipeline_mfu"] is None and c["pipeline_tflops"] > 0  # no peak on a CPU
+    # the pipeline's TFLOP/s by hand from its token rates and (b)'s parameter counts (the same shapes)
+    for r in [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]:
+        if r["kind"] == "train":
+            flops = (2 * b["teacher_parameters"] * r["teacher_tokens_per_s"]
+                     + 6 * b["student_parameters"] * r["tokens_per_s"])
+            assert r["tflops"] == pytest.approx(flops / 1e12, rel=1e-9), r
     assert c["final_save"]["weights_compared"] > 0 and c["final_save"]["max_relative_diff"] == 0.0  # fp32 on CPU
     assert set(report["versions"]) >= {"torch", "transformers", "deepspeed", "triton"}
     assert report["versions"]["torch"] == torch.__version__
@@ -140,6 +155,11 @@ def test_peak_table_by_device_name(tools):
 def test_step_flops_count_teacher_forward_and_student_training(tools):
     # 2 FLOPs per parameter and token forward; 6 for forward + backward
     assert tools.plain.step_flops(1_500, 10, 1_000, 8) == 2 * 1_500 * 10 + 6 * 1_000 * 8
+    from bld_scale.train import throughput
+
+    # one formula and one peak table: the pipeline's metrics and the plain loop's MFU use the same
+    assert tools.plain.step_flops is throughput.step_flops
+    assert tools.assets.peak_bf16_tflops is throughput.peak_bf16_tflops
 
 
 def _tiktoken_style_encode(data: bytes, ranks: dict) -> list[int]:
@@ -264,3 +284,36 @@ def test_bad_arguments_are_refused_with_the_fix(tools, capsys):
         with pytest.raises(SystemExit):
             tools.check.parse_args(["--device", "cuda"])
         assert "--device cpu --small" in capsys.readouterr().err
+
+
+def test_a_pipeline_variant_is_launched_with_its_overrides_and_measured_like_the_first_run(tools, tmp_path,
+                                                                                          monkeypatch):
+    """run_variant without a real launch: the command it builds, and the medians, ratio and loss check
+    it reads back from the variant's metrics.jsonl (steps 1-2 are start-up and left out)."""
+    launched = []
+
+    def fake_launch(cmd, log, timeout_s):
+        launched.append(cmd)
+        out = Path(next(a for a in cmd if a.startswith("output_dir="))[len("output_dir="):])
+        out.mkdir(parents=True)
+        rows = [{"step": s, "kind": "train", "loss": 5.0 - s, "tokens_per_s": 100.0 * s, "time_step": 0.5,
+                 "data_position": 8 * s,
+                 "time_data_wait": 0.01 * s, "tflops": 2.0} for s in range(1, 5)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return 0, 1.0, "ok"
+
+    monkeypatch.setattr(tools.pipeline, "launch", fake_launch)
+    profile = tools.assets.SMALL.__class__(**{**vars(tools.assets.SMALL), "steps": 4})
+    ws = type("Ws", (), dict(profile=profile, workdir=tmp_path, log=lambda self, m: None))()
+    first = {"pipeline_losses": [4.0, 3.0, 2.0, 0.5], "pipeline_tokens_per_s": 175.0,
+             "pipeline_data_positions": [8, 16, 24, 32]}
+    got = tools.pipeline.run_variant(ws, tmp_path / "recipe.yaml", ["data.prefetch=0"], first, 0)
+    # its own folder, no checkpoints, the overrides last (they win), fresh
+    assert launched[0][-4:] == [f"output_dir={tmp_path / 'variant0'}", "checkpoint.interval=0", "data.prefetch=0",
+                                "--fresh"]
+    assert got["pipeline_tokens_per_s"] == 350.0  # the median of steps 3 and 4
+    assert got["step_parts_s"]["time_data_wait"] == pytest.approx(0.035) and got["step_parts_s"]["time_teacher"] is None
+    assert got["tokens_per_s_over_first_run"] == 2.0 and got["same_losses"] is False
+    assert got["first_step_loss_equal"] is True and got["max_loss_rel_diff"] == 1.0  # |1 - 0.5| / 0.5
+    assert got["same_data_positions"] is True
+    assert got["pipeline_mfu"] is None and got["pipeline_tflops"] == 2.0

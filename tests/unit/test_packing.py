@@ -315,10 +315,15 @@ def _pipeline_stub(side, pack_windows: bool):
     """What `Pipeline._batch` / `_teacher_forward` read from the run, without DeepSpeed."""
     from types import SimpleNamespace
 
+    from bld_scale.train.pipeline import Pipeline
+    from bld_scale.train.step_timer import StepTimer
+
     recipe = SimpleNamespace(data=SimpleNamespace(pack=pack_windows), student=SimpleNamespace(K=K))
     sides = SimpleNamespace(teacher_bos=side.t_bos, student_bos=side.s_bos)
-    return SimpleNamespace(recipe=recipe, sides=sides, pair=PairTokenizer(side.t_vocab, side.s_vocab),
-                           device=torch.device("cpu"), teacher=side.teacher)
+    stub = SimpleNamespace(recipe=recipe, sides=sides, pair=PairTokenizer(side.t_vocab, side.s_vocab),
+                           device=torch.device("cpu"), teacher=side.teacher, timer=StepTimer(torch.device("cpu")))
+    stub._layout = lambda windows: Pipeline._layout(stub, windows)
+    return stub
 
 
 def test_the_pipeline_packs_when_the_recipe_says_so(demo_side, texts):

@@ -241,6 +241,10 @@ def test_estimate_memory_splits_each_window_over_the_sequence_parallel_gpus():
     rows = two["activations"].pop("sequence-parallel byte rows")
     assert rows == estimate_memory.SP_ROW_BYTES * recipe.train.micro_batch_size * recipe.data.window_bytes / 2
     assert "sequence-parallel byte rows" not in one["activations"]
+    # the SP step writes the teacher's float32 log-softmax, which the fused conversion at SP=1 does not
+    lsm = two["activations"].pop("teacher fp32 log-softmax")
+    assert lsm == pytest.approx(4 * two["activations"]["teacher logits"])  # 8 bytes a logit against bf16's 2
+    assert "teacher fp32 log-softmax" not in one["activations"]
     for name, value in one["activations"].items():
         assert two["activations"][name] == pytest.approx(value / 2), name
     assert two["teacher"]["states"] == one["teacher"]["states"]  # ZeRO-3 shards over all GPUs either way

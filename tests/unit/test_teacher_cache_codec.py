@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import MANIFEST
+from bld_scale.cache.layout import MANIFEST, shard_name
 from bld_scale.cache.quantize import load_logprobs, store_logprobs
 from bld_scale.cache.reader import TeacherCache
 from bld_scale.cache.rows import bytes_per_row, decode_rows, encode_rows, tail_prior, tail_sums
 from test_teacher_cache import WINDOWS, build, recipe, stream_windows, synthetic_rows
+
+TOOLS = str(Path(__file__).resolve().parents[2] / "tools")  # the bench and the cache tool import from here
 
 
 def mixed_rows(n=260, seed=0):
@@ -93,6 +97,133 @@ def test_each_row_leaves_at_most_tau_out_with_the_fewest_values():
     assert eot.sum() >= 5 and (counts[eot] < 255).all()  # EOT mass does not make a row keep the cap
 
 
+def brute_force_kl_count(p: np.ndarray, lam: float, cap: int) -> tuple[int, list[float]]:
+    """One row: for every n, decode it with its n most probable byte values kept and the rest spread
+    evenly over the other outcomes, and take KL(q || that) directly; the n minimising KL + lam n."""
+    order = sorted(range(256), key=lambda v: -p[v])
+    nonzero = max(1, int((p[:256] > 0).sum()))
+    kls, costs = [], []
+    for n in range(1, min(cap, nonzero) + 1):
+        others = np.setdiff1d(np.arange(257), order[:n])
+        approx = p.copy()
+        approx[others] = p[others].sum() / len(others)
+        kl = sum(p[v] * math.log2(p[v] / approx[v]) for v in range(257) if p[v] > 0)
+        kls.append(kl)
+        costs.append(kl + lam * n)
+    return int(np.argmin(costs)) + 1, kls
+
+
+@pytest.mark.parametrize("lam, cap", [(0.003, 255), (0.03, 255), (0.0003, 12)])
+def test_kl_per_value_counts_match_a_brute_force(lam, cap):
+    q = mixed_rows(n=60, seed=5)
+    stored = encode_rows(q, cap, "float32", kl_per_value=lam)
+    counts = stored["counts"].numpy()
+    p_all = q.exp().numpy()
+    for r, p in enumerate(p_all):
+        want, kls = brute_force_kl_count(p, lam, cap)
+        assert counts[r] == want, (r, counts[r], want)
+    # decoded evenly, each row loses the KL its count was chosen for
+    got = decode_rows(stored).double()
+    for r in (0, 1, 5, 9):
+        p = q[r].exp().double()
+        kl = float((p * (q[r] - got[r])).nansum()) / math.log(2)
+        assert kl == pytest.approx(brute_force_kl_count(p_all[r], lam, cap)[1][counts[r] - 1], abs=1e-6)
+
+
+def test_a_higher_kl_per_value_keeps_fewer_values_and_loses_more():
+    q = mixed_rows(seed=6)
+    p = q.exp()
+    previous_counts, previous_kl = None, -1.0
+    for lam in (1e-5, 1e-3, 0.01, 0.1, 0.5):
+        stored = encode_rows(q, 255, "float32", kl_per_value=lam)
+        counts = stored["counts"].long()
+        decoded = decode_rows(stored).double()
+        kl = float(torch.where(p > 0, p * (q - decoded), torch.zeros_like(p)).sum())
+        if previous_counts is not None:
+            assert (counts <= previous_counts).all() and kl >= previous_kl - 1e-12
+        previous_counts, previous_kl = counts, kl
+    peaked = p[:, :256].max(1).values > 0.999
+    assert peaked.sum() >= 5 and (previous_counts[peaked] == 1).all()  # 7 such rows here
+
+
+def test_a_kl_per_value_cache_records_its_rule_and_refuses_another(tmp_path):
+    folder = tmp_path / "c"
+    manifest = build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    assert manifest["kl_per_value"] == 0.003 and "max_tail_mass" not in manifest
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
+    assert cache.codec == "KL per value 0.003 bits, k <= 255, uint8"
+    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
+        want = decode_rows(encode_rows(row, 255, "uint8", kl_per_value=0.003), cache.prior)
+        assert torch.equal(cache.window_rows(i, text), want)
+    build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)  # resumes
+    with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*kl_per_value: 0.003 there, "
+                                                r"None asked"):
+        build(folder, top_k=255, dtype="uint8", tail_mass=0.005, max_windows=WINDOWS - 3)
+    with pytest.raises(TeacherCacheError, match=r"kl_per_value: 0.003 there, None asked"):
+        build(folder, top_k=255, dtype="uint8", max_windows=WINDOWS - 3)  # a fixed top-k is not it either
+    with pytest.raises(TeacherCacheError, match="one rule"):
+        build(tmp_path / "d", top_k=255, dtype="uint8", tail_mass=0.005, kl_per_value=0.003)
+    with pytest.raises(TeacherCacheError, match="KL per value 2"):
+        build(tmp_path / "d", top_k=255, dtype="uint8", kl_per_value=2.0)
+    assert not (tmp_path / "d").exists()
+
+
+def test_compressed_shards_hold_the_plain_bytes_and_serve_the_same_rows(tmp_path):
+    import lzma
+
+    settings = dict(top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    plain = build(tmp_path / "plain", **settings)
+    packed = build(tmp_path / "xz", compress=True, **settings)
+    assert "compression" not in plain and packed["compression"] == "xz"
+    assert sorted(packed["shards"]) == [shard_name(0, "xz"), shard_name(1, "xz")] == \
+        ["shard-000000.safetensors.xz", "shard-000001.safetensors.xz"]
+    for s in (0, 1):  # lzma's own container: the plain shard's exact bytes inside
+        assert lzma.decompress((tmp_path / "xz" / shard_name(s, "xz")).read_bytes()) == \
+            (tmp_path / "plain" / shard_name(s)).read_bytes()
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    a, b = TeacherCache.open(tmp_path / "plain", r, WINDOWS - 3), TeacherCache.open(tmp_path / "xz", r, WINDOWS - 3)
+    for i, text in enumerate(texts):
+        assert torch.equal(a.window_rows(i, text), b.window_rows(i, text))
+
+
+def test_a_damaged_compressed_shard_is_refused_then_redone(tmp_path):
+    folder = tmp_path / "c"
+    settings = dict(top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3, compress=True)
+    build(folder, **settings)
+    path = folder / shard_name(1, "xz")
+    good = path.read_bytes()
+    path.write_bytes(good[:-8] + bytes(8))  # same size: only the SHA-256 tells
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
+    with pytest.raises(TeacherCacheError, match=r"shard-000001.safetensors.xz: content differs.*again"):
+        cache.window_rows(3, texts[3])
+    build(folder, **settings)
+    assert path.read_bytes() == good
+
+
+def test_a_plain_cache_resumed_by_a_compressing_command_stays_plain(tmp_path):
+    folder = tmp_path / "c"
+    settings = dict(top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    build(folder, compress=False, **settings)
+    (folder / shard_name(1)).unlink()
+    manifest = build(folder, compress=True, **settings)  # the default command of today
+    assert "compression" not in manifest and (folder / shard_name(1)).is_file()
+    assert not list(folder.glob("*.xz"))
+
+
+def test_a_cache_of_an_unknown_compression_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "c"
+    build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3, compress=True)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "compression": "zstd"}))
+    with pytest.raises(TeacherCacheError, match=r"compressed with 'zstd'.*only 'xz'"):
+        TeacherCache.open(folder, recipe(), WINDOWS - 3)
+
+
 def test_uint8_log_probabilities_are_within_a_32nd_of_a_nat():
     x = torch.cat([-torch.rand(10000, dtype=torch.float64) * 15.875, torch.tensor([0.0, -15.875, -20.0, -math.inf])])
     codes = store_logprobs(x, "uint8")
@@ -150,8 +281,6 @@ def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resu
     assert "max_tail_mass" not in manifest  # the header caches had before
     from safetensors.torch import load_file
 
-    from bld_scale.cache.layout import shard_name
-
     shard = load_file(str(folder / shard_name(0)))  # the layout they had: one [R, k] row per text byte
     assert set(shard) == {"row_offsets", "window_sha256", "symbols", "logprobs", "rest"}
     assert shard["symbols"].shape == shard["logprobs"].shape == (int(shard["row_offsets"][-1]), 8)
@@ -172,3 +301,53 @@ def test_bad_codec_settings_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(TeacherCacheError, match="dtype 'int4'"):
         build(tmp_path / "c", top_k=8, dtype="int4")
     assert not (tmp_path / "c").exists()
+
+
+def test_the_bench_entropy_bound_matches_closed_forms(monkeypatch):
+    monkeypatch.syspath_prepend(TOOLS)
+    from bench_teacher_cache import conditional_entropy_bits, entropy_bytes
+
+    rng = np.random.default_rng(0)
+    assert conditional_entropy_bits(np.tile(np.arange(8), 5)) == pytest.approx(40 * 3)  # uniform over 8: 3 bits
+    ctx = rng.integers(0, 50, 400)
+    assert conditional_entropy_bits(ctx * 7 + 1, ctx) == 0.0  # the context decides the value
+    # within each context, two values at 1:3: h(1/4) bits each
+    values = np.tile([0, 1, 1, 1], 30)
+    h = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
+    assert conditional_entropy_bits(values, np.repeat([0, 1, 2], 40)) == pytest.approx(120 * h)
+    # a ragged shard whose every stream is constant has zero entropy
+    stored = {"counts": torch.full((10,), 2, dtype=torch.uint8), "symbols": torch.tensor([5, 9] * 10, dtype=torch.uint8),
+              "logprobs": torch.tensor([1, 30] * 10, dtype=torch.uint8), "rest": torch.full((10,), 90, dtype=torch.uint8)}
+    assert entropy_bytes(stored, np.zeros(10, dtype=np.int64)) == {"counts": 0.0, "symbols": 0.0, "logprobs": 0.0,
+                                                                    "rest": 0.0}
+
+
+def test_the_bench_counts_token_rows_by_their_tail_mass(monkeypatch):
+    monkeypatch.syspath_prepend(TOOLS)
+    from bench_teacher_cache import token_row_counts
+
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]])
+    logits = p.log().unsqueeze(0)  # one window of three positions
+    mask = torch.tensor([[1, 1, 0]])  # the third is padding: not counted
+    assert token_row_counts(logits, mask, 0.06).tolist() == [3, 1]  # 0.05 left out; 0.03 left out
+    assert token_row_counts(logits, mask, 0.015).tolist() == [4, 3]  # nothing left out; 0.01 left out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tail-mass", "0.01", "--kl-per-value", "0.003"], "both given.*one rule"),
+    (["--kl-per-value", "1.5"], "KL per value 1.5 is out of range"),
+    (["--top-k", "257", "--dtype", "uint8"], "257.*float32"),
+])
+def test_the_cache_tool_refuses_codec_settings_before_loading_anything(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.syspath_prepend(TOOLS)
+    import cache_teacher
+
+    def no_loading(*a, **k):
+        raise AssertionError("the recipe or teacher was loaded before the codec was checked")
+
+    monkeypatch.setattr("bld_scale.config.load_recipe", no_loading)
+    monkeypatch.setattr(cache_teacher, "load_teacher", no_loading)
+    out = tmp_path / "c"
+    assert cache_teacher.main(["--config", "unused.yaml", "--out", str(out), *flags]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()

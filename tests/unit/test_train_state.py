@@ -79,6 +79,18 @@ def test_the_log_window_averages_per_micro_batch_and_counts_throughput():
     assert "tokens" not in record and "_micro" not in record
     assert record["tokens_per_s"] > 0 and record["bytes_per_s"] / record["tokens_per_s"] == pytest.approx(804 / 204)
     assert window.sums == {}  # the next window starts empty
+    assert "teacher_tokens_per_s" not in record  # only where the loop counts teacher positions
+
+
+def test_teacher_tokens_are_a_count_like_tokens():
+    """The pipeline adds each micro-batch's teacher positions (for the MFU): summed, a rate per second."""
+    window = LogWindow()
+    window.begin()
+    window.add({**_logs(1), "teacher_tokens": 120.0})
+    window.add({**_logs(3), "teacher_tokens": 130.0})
+    record = window.close(one_rank_sum)
+    assert "teacher_tokens" not in record
+    assert record["teacher_tokens_per_s"] / record["tokens_per_s"] == pytest.approx(250 / 204)
 
 
 class _NoHostRead(torch.Tensor):

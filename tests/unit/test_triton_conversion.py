@@ -1,5 +1,12 @@
 """Conversion backend "triton" against the torch backend and the brute force, on the CPU.
 
+The kernels (running sums, the edges' log-add into the byte rows, log-normalisers) against
+independent float64 sums and against `split_edges` + `logaddexp_scatter`; whole conversions (cover,
+within_token, fused from raw logits, exact, batched) against the torch backend and the brute
+forces of tests/unit/test_byteconv.py and test_byteconv_exact.py, on table vocabularies, a local
+BPE, Tekken (131k) and Mistral's SentencePiece (32k), hostile texts, masses down to 1e-15 (rows
+redone by the torch code); and the launch counts per call.
+
 The Triton kernels run here under the Triton interpreter (`TRITON_INTERPRET=1`, exact semantics,
 slow): Triton reads that variable when a kernel is defined, so the module fixture sets it before
 `bld_scale.convert.triton_sums` is first imported, and restores the environment afterwards.
@@ -35,7 +42,7 @@ with pytest.MonkeyPatch.context() as _env:
 INTERPRETED = isinstance(triton.language.standard.zeros, InterpretedFunction)
 
 from bld_scale.convert import byte_logprobs, byte_logprobs_batch  # noqa: E402
-from bld_scale.convert.backends import running_sums_class  # noqa: E402
+from bld_scale.convert.backends import resolve_backend  # noqa: E402
 from bld_scale.convert.dispatch import teacher_byte_targets  # noqa: E402
 from bld_scale.convert.running_sums import RunningSums  # noqa: E402
 from bld_scale.tokenize.token_bytes import TokenBytes  # noqa: E402
@@ -144,8 +151,8 @@ def test_log_normaliser_kernel_matches_logsumexp(interpreter, dtype, small_block
 
 # ---------------------------------------------------------------------- backend choice
 def test_backend_choice_and_refusals(monkeypatch):
-    assert running_sums_class("auto", torch.device("cpu")) is RunningSums
-    assert running_sums_class("torch", torch.device("cpu")) is RunningSums
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
     vocab = table_vocab(SMALL)
     ids, _ = vocab.encode("the")
     lp = random_logprobs(len(ids) + 1, vocab.vocab_size, 1.0, 0)
@@ -160,7 +167,7 @@ def test_backend_choice_and_refusals(monkeypatch):
 def test_recipe_key_takes_the_three_backends():
     from bld_scale.config import DistillConfig
 
-    assert DistillConfig().conversion_backend == "torch"
+    assert DistillConfig().conversion_backend == "auto"  # triton on CUDA, torch elsewhere
     for name in ("auto", "torch", "triton"):
         assert DistillConfig(conversion_backend=name).conversion_backend == name
 
@@ -322,7 +329,7 @@ def test_training_step_and_evaluation_read_the_backend():
     teacher = LlamaForCausalLM(LlamaConfig(vocab_size=vocab.vocab_size, **small)).eval()
     student = build_student(dict(model_type="llama", vocab_size=vocab.vocab_size, **small), head_kind="linear", K=4)
     pair = PairTokenizer(vocab, vocab)
-    batch = collate([pair(w) for w in split_windows(texts[0][:600], 150)[:2]], K=4, teacher_bos=0, student_bos=0)
+    batch = collate([pair(w) for w in split_windows(texts[0][:600], 100)[:2]], K=4, teacher_bos=0, student_bos=0)
 
     def forward(ids, mask):
         return teacher(input_ids=ids, attention_mask=mask).logits
@@ -344,3 +351,245 @@ def test_training_step_and_evaluation_read_the_backend():
                          teacher_vocab=vocab)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             teacher_nll_sums(forward, batch, vocab, backend="triton")
+
+
+# ---------------------------------------------------------------------- the log-add kernel
+@pytest.fixture
+def big_blocks(monkeypatch):
+    """Scan blocks of 16,384 entries: a real vocabulary's row in a few blocks (carries still
+    crossed), so that the interpreter runs it in milliseconds instead of a third of a second."""
+    monkeypatch.setattr(triton_sums, "_SCAN_BLOCK", 1 << 14)
+
+
+def _chunks_of(monkeypatch, rows: int):
+    """Chunks of `rows` teacher rows in both backends (many chunks, even for a short text)."""
+    import bld_scale.convert.backends as backends
+    import bld_scale.convert.running_sums as running_sums
+
+    def few(num_rows, *args, **kwargs):
+        return max(1, min(num_rows, rows))
+
+    monkeypatch.setattr(backends, "chunk_rows", few)
+    monkeypatch.setattr(running_sums, "chunk_rows", few)
+
+
+def test_log_add_kernel_equals_the_edges_and_their_scatter(interpreter, small_blocks, monkeypatch):
+    """TritonSplits.add_to (chunk by chunk: running sums, then one program per output row) against
+    `split_edges` on the same running sums + `logaddexp_scatter`: random splits (the root's 256+
+    children, leaves without any, several teacher rows and chunks feeding one output row), an
+    output already holding values (as mode exact's accumulator does), weights -inf and NaN (dropped,
+    as the scatter drops non-finite values). Both are float64: equal to float64 rounding."""
+    from bld_scale.convert.backends import TritonSplits
+    from bld_scale.convert.running_sums import logaddexp_scatter, split_edges
+
+    _chunks_of(monkeypatch, 3)
+    vocab = table_vocab(SMALL)
+    index = vocab.index
+    g = torch.Generator().manual_seed(21)
+    rows, n_out, n_splits = 10, 7, 60
+    lp = random_logprobs(rows, vocab.vocab_size, 3.0, seed=4)
+    k = torch.randint(0, rows, (n_splits,), generator=g).numpy()
+    end = torch.randint(0, n_out - 1, (n_splits,), generator=g).numpy()  # the last row gets nothing
+    node = torch.randint(0, index.num_nodes, (n_splits,), generator=g).numpy()
+    node[:3] = 0  # the root: every byte
+    assert (index.child_count[node] == 0).any() and index.child_count[0] >= 256
+    weight = torch.randn(rows, generator=g, dtype=torch.float64) * 3
+    weight[2], weight[5] = -float("inf"), float("nan")
+    acc = torch.randn(n_out, 257, generator=g, dtype=torch.float64)
+    acc[torch.rand(n_out, 257, generator=g) < 0.5] = -float("inf")
+    memory = lp.numel() * lp.element_size()
+
+    got = acc.clone()
+    TritonSplits(lp, k, end, node, weight, index, memory).add_to(got)
+    ref = acc.clone()
+    edges = split_edges(lp, k, end, node, weight, index, memory, running_sums=triton_sums.TritonRunningSums)
+    logaddexp_scatter(ref.view(-1), edges["target"], edges["value"])
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+    finite = torch.isfinite(ref)
+    assert bool(((got[finite] - ref[finite]).abs() <= 1e-13 * ref[finite].abs().clamp_min(1)).all())
+    assert torch.equal(got[n_out - 1], acc[n_out - 1]) and torch.equal(got[:, 256], acc[:, 256])
+    assert int((got != acc).sum()) > 100  # the kernel did add
+
+
+def _teacher_rows(windows, vocab_size: int, peaked: bool, seed: int) -> torch.Tensor:
+    """`[B, L_max + 1, V]` log-probabilities; peaked: each next token gets a large logit, as a
+    trained teacher's would (tests/synthetic_logits.py's rows, empty windows allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(windows), max(map(len, windows)) + 1, vocab_size, generator=g) * 2.0
+    for b, ids in enumerate(windows if peaked else ()):
+        boost = torch.randn(len(ids), generator=g) * 2.5 + 6.0
+        logits[b, torch.arange(len(ids)), torch.as_tensor(ids, dtype=torch.long)] += boost
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("name", ["tekken", "mistral_sp"])
+def test_hostile_texts_on_real_vocabularies(case_of, name, big_blocks, monkeypatch):
+    """Tekken (131k) and Mistral's SentencePiece (32k, dummy prefix): an empty text, one byte, runs
+    of one byte, token boundaries inside UTF-8 characters (byte tokens), CJK, emoji, control
+    characters, all in one batched call (one pass over the batch), against the torch backend; two
+    short ones against the brute force too. A teacher shaped like a trained one needs no
+    re-summation; flat random rows over 10^5 tokens give the text vanishing masses, redone."""
+    from bld_scale.convert.backends import TritonSplits
+
+    pytest.importorskip("mistral_common")
+    vocab = case_of(name).tb
+    texts = ["", "a", "a" * 20 + "=" * 12, "𝔘𝔫 日本 é😀", "\n\t\x00 \u200b"]
+    ids = [vocab.encode(t)[0] for t in texts]
+    inside = [b for b, seq in enumerate(ids)
+              if any(piece and (piece[0] & 0xC0) == 0x80 for piece in map(vocab.token_bytes, seq))]
+    assert inside, "no token boundary inside a character: the text does not test what it says"
+    redone = []
+    real = TritonSplits.torch_edges
+    monkeypatch.setattr(TritonSplits, "torch_edges", lambda self, rows: redone.append(rows) or real(self, rows))
+    for peaked, mode in ((True, "cover"), (False, "within_token")):
+        lp = _teacher_rows(ids, vocab.vocab_size, peaked, seed=9)
+        redone.clear()
+        got, got_mask = byte_logprobs_batch(lp, ids, vocab, eos_id=2, mode=mode, backend="triton")
+        assert bool(redone) != peaked
+        ref, ref_mask = byte_logprobs_batch(lp, ids, vocab, eos_id=2, mode=mode, backend="torch")
+        assert torch.equal(got_mask, ref_mask)
+        assert_backends_agree(got, ref)
+    assert got_mask[0].sum() == 1 + (len(vocab.token_bytes(ids[0][0])) if ids[0] else 0)
+    for b in (1, 3 if name == "mistral_sp" else 1):  # the brute force scans the vocabulary per prefix
+        n = int(got_mask[b].sum())
+        got_b = byte_logprobs(lp[b, : len(ids[b]) + 1], ids[b], vocab, eos_id=2, mode="within_token",
+                              backend="triton")
+        assert torch.equal(got_b, got[b, :n])  # batched = alone
+        assert_matches(got_b, brute_force(lp[b, : len(ids[b]) + 1], ids[b], vocab, eos_id=2, mode="within_token"))
+
+
+def test_refinement_redoes_only_the_flagged_rows(small_blocks, monkeypatch):
+    """Vanishing masses on part of the text only: the rows they make are redone by the torch code
+    (and only those), and the result is the torch backend's and the brute force's."""
+    from bld_scale.convert.backends import TritonSplits
+
+    vocab = table_vocab(SMALL)
+    ids, _ = vocab.encode("the there these")
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(len(ids) + 1, vocab.vocab_size, generator=g)
+    logits[: 3] -= 40.0 * torch.tensor([vocab.token_bytes(v) is not None and vocab.token_bytes(v)[:1] in b"th e"
+                                        for v in range(vocab.vocab_size)]).float()
+    lp = torch.log_softmax(logits, -1)
+    redone = []
+    real = TritonSplits.torch_edges
+    monkeypatch.setattr(TritonSplits, "torch_edges", lambda self, rows: redone.append(rows) or real(self, rows))
+    got, ref = both(lp, ids, vocab, eos_id=vocab.vocab_size - 1)
+    assert len(redone) == 1 and 0 < redone[0].size < got.shape[0] - 1
+    assert_backends_agree(got, ref)
+    assert_matches(got, brute_force(lp, ids, vocab, eos_id=vocab.vocab_size - 1))
+
+
+# ---------------------------------------------------------------------- mode exact
+def _exact_case(text, seed, scale=None):
+    from test_byteconv_exact import SMALL as EXACT_SMALL
+    from test_byteconv_exact import tiny_llama
+
+    vocab = table_vocab(EXACT_SMALL)
+    model = tiny_llama(vocab.vocab_size, seed=seed, init=1.0 if scale else 0.2)
+    if scale:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)  # logits over tens of nats: vanishing masses
+    return vocab, model
+
+
+def test_exact_mode_triton_equals_torch_and_brute_force(small_blocks):
+    """One tree forward, and one branch per forward (the tree rows in several calls, each judged
+    with the canonical rows' totals), against the torch backend; the brute force once."""
+    from test_byteconv_exact import brute_force_exact, run_exact
+
+    text = "the é😀h"
+    vocab, model = _exact_case(text, seed=1)
+    bos = eos = vocab.vocab_size - 1
+    for max_tokens in (4096, 4):
+        ids, _, got = run_exact(model, vocab, text, bos, eos, prefix_window=None, max_tokens=max_tokens,
+                                backend="triton")
+        _, _, ref = run_exact(model, vocab, text, bos, eos, prefix_window=None, max_tokens=max_tokens,
+                              backend="torch")
+        assert_backends_agree(got, ref)
+    brute = brute_force_exact(model, vocab, ids, bos, eos, vocab._encode_ids, 0)
+    assert np.abs(got.double().exp().numpy() - brute).max() <= 1e-5
+
+
+def test_exact_mode_vanishing_masses_through_the_kernels(small_blocks, monkeypatch):
+    """Mode exact's canonical rows and tree rows with masses below what running sums resolve: both
+    are redone by the torch code after the kernels, and match the torch backend and the brute force."""
+    from bld_scale.convert.backends import TritonSplits
+    from test_byteconv_exact import brute_force_exact, run_exact
+
+    vocab, model = _exact_case("there these", seed=11, scale=8.0)
+    bos = eos = vocab.vocab_size - 1
+    redone = []
+    real = TritonSplits.torch_edges
+    monkeypatch.setattr(TritonSplits, "torch_edges", lambda self, rows: redone.append(rows) or real(self, rows))
+    ids, _, got = run_exact(model, vocab, "there these", bos, eos, prefix_window=None, max_tokens=6, backend="triton")
+    assert redone
+    _, _, ref = run_exact(model, vocab, "there these", bos, eos, prefix_window=None, max_tokens=6, backend="torch")
+    assert_backends_agree(got, ref)
+    brute = brute_force_exact(model, vocab, ids, bos, eos, vocab._encode_ids, 0)
+    assert np.abs(got.double().exp().numpy() - brute).max() <= 1e-5
+
+
+def test_exact_targets_of_a_batch_and_tekken_through_the_kernels(case_of, big_blocks):
+    """`teacher_byte_targets(conversion="exact", backend=...)` reaches the kernels (a batch, table
+    vocabulary), and Tekken's exact rows (boundaries inside tokens) equal the torch backend's."""
+    from test_byteconv_exact import run_exact, tiny_llama
+
+    pytest.importorskip("mistral_common")
+    vocab = case_of("tekken").tb
+    special = next(i for i in range(vocab.vocab_size) if vocab.token_bytes(i) is None)
+    model = tiny_llama(vocab.vocab_size, seed=12)
+    got = run_exact(model, vocab, "There's", special, special, prefix_window=16, backend="triton")[2]
+    ref = run_exact(model, vocab, "There's", special, special, prefix_window=16, backend="torch")[2]
+    assert_backends_agree(got, ref)
+
+    small, model = _exact_case("", seed=3)
+    texts = ["there the", "these é😀h"]
+    ids = [small.encode(t)[0] for t in texts]
+    l_max = max(map(len, ids))
+    bos = small.vocab_size - 1
+
+    class Batch:
+        teacher_ids = ids
+        teacher_input_ids = torch.full((2, l_max + 1), bos, dtype=torch.long)
+        teacher_attention_mask = torch.ones(2, l_max + 1, dtype=torch.long)
+
+    out = {backend: teacher_byte_targets(Batch, small, conversion="exact", teacher_forward=None, teacher_model=model,
+                                         eos_id=bos, backend=backend) for backend in ("triton", "torch")}
+    assert torch.equal(out["triton"].mask, out["torch"].mask)
+    assert_backends_agree(out["triton"].byte_logprobs, out["torch"].byte_logprobs)
+
+
+# ---------------------------------------------------------------------- launches
+def test_launch_counts_do_not_grow_with_chunks_or_texts(small_blocks, monkeypatch):
+    """The triton path makes two kernel launches per chunk of the teacher rows that feed a split
+    (running sums, log-add; padding rows are skipped) and a fixed number of torch operators per
+    call, however many chunks and texts; the torch path makes ~15 operators per chunk (the counter
+    is checked on it). tools/bench_byteconv.py counts."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "tools"))
+    from bench_byteconv import count_launches
+
+    vocab = table_vocab(SMALL)
+    texts = ["the there", "here they are, these", "é😀 these"]
+    counts = {}
+    for n_texts in (1, 3):
+        ids = [vocab.encode(t)[0] for t in texts[:n_texts]]
+        lp = random_logprobs(n_texts * (max(map(len, ids)) + 1), vocab.vocab_size, 2.0, 1)
+        lp = lp.view(n_texts, -1, vocab.vocab_size)
+        for chunk in (1000, 2):
+            with pytest.MonkeyPatch.context() as mp:
+                _chunks_of(mp, chunk)
+                for backend in ("torch", "triton"):
+                    counts[n_texts, chunk, backend] = count_launches(
+                        lambda: byte_logprobs_batch(lp, ids, vocab, eos_id=vocab.vocab_size - 1, backend=backend))[1]
+    for n_texts in (1, 3):
+        rows = sum(len(vocab.encode(t)[0]) for t in texts[:n_texts])  # the rows that feed splits
+        one, many = counts[n_texts, 1000, "triton"], counts[n_texts, 2, "triton"]
+        assert one["kernels"] == {"_running_sums_kernel": 1, "_split_log_add_kernel": 1}
+        assert many["triton_launches"] == 2 * -(-rows // 2) and one["torch_ops"] == many["torch_ops"]
+        torch_one, torch_many = counts[n_texts, 1000, "torch"], counts[n_texts, 2, "torch"]
+        assert torch_one["triton_launches"] == 0 and torch_many["torch_ops"] > torch_one["torch_ops"] + 10 * rows // 2
+        assert one["torch_ops"] < torch_one["torch_ops"] / 2
+    # per text only what pad_byte_rows copies (2 operators a text)
+    assert counts[3, 2, "triton"]["torch_ops"] - counts[1, 2, "triton"]["torch_ops"] <= 2 * 2

@@ -9,7 +9,7 @@ from operator import methodcaller
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bld_scale.tokenize.token_bytes import TokenBytes

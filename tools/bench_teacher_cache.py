@@ -10,8 +10,9 @@
    (as the writer stores it by default);
 2. the KL lost to truncation and quantisation, KL(q || decoded q), on held-out text, in bits per
    text byte (q: the recipe's conversion of the teacher's forward), with the remaining mass spread
-   by the tail profile (`bld_scale.cache.rows`; estimated on --profile-windows training windows,
-   as a cache of them would) and, for comparison, uniformly;
+   by the tail profile by context, as a cache decodes (`bld_scale.cache.tail`; estimated on
+   --profile-windows training windows, as a cache of them would) and, for comparison, by one
+   profile for every row (caches made before the contexts) and uniformly;
 3. steps per second of the same training step (`train.step.distill_step`, plain torch, no DeepSpeed)
    with the online teacher (forward + conversion) and from a cache of the default k and dtype;
 4. what entropy coding could still save: the empirical (plug-in) entropy of the default codec's
@@ -42,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 from bld_scale.cache.layout import COMPRESSION, codec_label, shard_bytes, window_index  # noqa: E402
 from bld_scale.cache.reader import TeacherCache  # noqa: E402
 from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_KL_PER_VALUE, DEFAULT_TAIL_MASS, DEFAULT_TOP_K,  # noqa: E402
-                                  decode_rows, encode_rows, tail_prior, tail_sums)
+                                  context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums)
+from bld_scale.cache.tail import previous_byte_contexts  # noqa: E402
 from bld_scale.cache.writer import build_cache, teacher_rows  # noqa: E402
 from bld_scale.config import load_recipe  # noqa: E402
 from bld_scale.data.batch import PairTokenizer, collate  # noqa: E402
@@ -54,12 +56,12 @@ from bld_scale.train.step import distill_step  # noqa: E402
 
 KS, DTYPES = (2, 4, 8, 16, 32, 257), ("float16", "float32")
 TAUS, ADAPTIVE_DTYPES, CAP = (0.1, 0.03, 0.01, 0.005, 0.003, 0.001), ("uint8", "float16"), 255
-LAMS = (0.03, 0.01, 0.005, 0.003, 0.002, 0.001)  # KL per value, bits
+LAMS = (0.03, 0.02, 0.015, 0.01, 0.005, 0.003, 0.002, 0.001)  # KL per value, bits
 # (k, dtype, tail mass, KL per value) of every row of the table: the fixed top-k ones, then the
-# adaptive ones by tail mass, then by KL per value
+# adaptive ones by tail mass, then by KL per value (sqrt codes too)
 CODECS = ([(k, dt, 0.0, 0.0) for k in KS for dt in DTYPES]
           + [(CAP, dt, tau, 0.0) for tau in TAUS for dt in ADAPTIVE_DTYPES]
-          + [(CAP, dt, 0.0, lam) for lam in LAMS for dt in ADAPTIVE_DTYPES])
+          + [(CAP, dt, 0.0, lam) for lam in LAMS for dt in ("sqrt", *ADAPTIVE_DTYPES)])
 DEFAULT = (DEFAULT_TOP_K, DEFAULT_DTYPE, DEFAULT_TAIL_MASS, DEFAULT_KL_PER_VALUE)
 
 
@@ -119,7 +121,8 @@ def plot_codecs(points: list[dict], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    series = {"fixed top-k, float16": "tab:gray", "tail mass, uint8": "tab:orange", "KL per value, uint8": "tab:blue"}
+    series = {"fixed top-k, float16": "tab:gray", "tail mass, uint8": "tab:orange", "KL per value, uint8": "tab:blue",
+              "KL per value, sqrt": "tab:purple"}
     for name, color in series.items():
         pts = sorted((r["xz"], r["kl"], r["label"]) for r in points if r["series"] == name and r["kl"] > 0)
         ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", color=color, label=name)
@@ -144,8 +147,8 @@ def plot_codecs(points: list[dict], title: str, path: str) -> None:
     print(f"plot: {path}")
 
 
-def kl_bits_per_byte(q: torch.Tensor, stored: dict, prior=None) -> float:
-    approx = decode_rows(stored, prior).double()
+def kl_bits_per_byte(q: torch.Tensor, stored: dict, prior=None, contexts=None) -> float:
+    approx = decode_rows(stored, prior, contexts).double()
     q = q.double()
     p = q.exp()
     terms = torch.where(p > 0, p * (q - approx), torch.zeros_like(p))
@@ -168,7 +171,8 @@ def conditional_entropy_bits(values: np.ndarray, context: np.ndarray | None = No
 def entropy_bytes(stored: dict, previous_bytes: np.ndarray) -> dict[str, float]:
     """Per text byte, the plug-in entropy of each stream of an adaptive (ragged) shard, given contexts
     a decoder holding the text has: `counts` | previous text byte, `symbols` | rank (ranks >= 15
-    pooled; the previous byte too for ranks 0 and 1), `logprobs` | rank and count, `rest` | count."""
+    pooled; the previous byte too for ranks 0 and 1), `logprobs` (or `sqrt_probs`) | rank and count,
+    `rest` | count."""
     counts = stored["counts"].numpy().astype(np.int64)
     rows = len(counts)
     row = np.repeat(np.arange(rows), counts)
@@ -177,7 +181,8 @@ def entropy_bytes(stored: dict, previous_bytes: np.ndarray) -> dict[str, float]:
         "counts": conditional_entropy_bits(counts, previous_bytes),
         "symbols": conditional_entropy_bits(stored["symbols"].numpy(),
                                             rank * 256 + np.where(rank < 2, previous_bytes[row], 0)),
-        "logprobs": conditional_entropy_bits(stored["logprobs"].numpy(), rank * 16 + np.minimum(counts[row], 15)),
+        "logprobs": conditional_entropy_bits(stored.get("sqrt_probs", stored.get("logprobs")).numpy(),
+                                             rank * 16 + np.minimum(counts[row], 15)),
         "rest": conditional_entropy_bits(stored["rest"].numpy(), np.minimum(counts, 31)),
     }
     return {name: bits / 8 / rows for name, bits in streams.items()}
@@ -259,18 +264,23 @@ def main(argv=None) -> None:
           f"conversion {d.conversion}; EOT mass per row {float(q[:, 256].exp().mean()):.2e}; tail profile "
           f"from {args.profile_windows} training windows")
     print(f"{'row rule':>15} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} {'xz':>6} "
-          f"{'KL lost, bits/byte: profile':>28} {'uniform':>9}")
+          f"{'KL lost, bits/byte: by context':>31} {'one profile':>12} {'uniform':>9}")
+    contexts = torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts])
+    contexts_train = torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in windows[:args.profile_windows]])
     points = []
     for k, dtype, tau, lam in CODECS:
-        prior = tail_prior(tail_sums(q_train, encode_rows(q_train, k, dtype, tau, lam)))
+        stored_train = encode_rows(q_train, k, dtype, tau, lam)
+        sums = tail_sums(q_train, stored_train)
+        prior = tail_prior(sums, context_tail_sums(q_train, stored_train, contexts_train))
         stored = encode_rows(q, k, dtype, tau, lam)
         mean_k = float(stored["counts"].double().mean()) if "counts" in stored else float(k)
         mark = "  <- default" if (k, dtype, tau, lam) == DEFAULT else ""
         rule = f"KL/value {lam:g}" if lam else f"tail mass {tau:g}" if tau else "-"
-        xz, kl = shard_size(rows, texts, stored, COMPRESSION) / n_bytes, kl_bits_per_byte(q, stored, prior)
+        xz, kl = shard_size(rows, texts, stored, COMPRESSION) / n_bytes, kl_bits_per_byte(q, stored, prior, contexts)
         print(f"{rule:>15} {(f'<={k}' if tau or lam else str(k)):>4} {dtype:>8} {mean_k:>7.1f} "
-              f"{shard_size(rows, texts, stored) / n_bytes:>16.2f} {xz:>6.2f} "
-              f"{kl:>28.5f} {kl_bits_per_byte(q, stored):>9.5f}{mark}", flush=True)
+              f"{shard_size(rows, texts, stored) / n_bytes:>16.2f} {xz:>6.2f} {kl:>31.5f} "
+              f"{kl_bits_per_byte(q, stored, tail_prior(sums)):>12.5f} {kl_bits_per_byte(q, stored):>9.5f}{mark}",
+              flush=True)
         series = ("KL per value" if lam else "tail mass" if tau else "fixed top-k") + f", {dtype}"
         points.append({"series": series, "label": f"{lam:g}" if lam else f"{tau:g}" if tau else f"k={k}",
                        "xz": xz, "kl": kl, "default": bool(mark)})

@@ -1,7 +1,7 @@
 """Run a recipe's teacher once over its training windows and store its next-byte targets.
 
     python tools/cache_teacher.py --config RECIPE --out DIR [--kl-per-value LAM | --tail-mass TAU] [--top-k K]
-        [--dtype uint8|float16|float32] [--no-compress] [--max-windows N] [--windows-per-shard W]
+        [--dtype sqrt|uint8|float16|float32] [--no-compress] [--max-windows N] [--windows-per-shard W]
         [--batch-size B] [key=value ...]
     deepspeed [--num_gpus G] tools/cache_teacher.py ...      (or torchrun: ranks split the shards)
 
@@ -39,8 +39,9 @@ def parse(argv):
     parser.add_argument("--top-k", type=int, default=None, help="the most byte values kept per text byte "
                         "(1..255 with a tail mass; 1..256 with --tail-mass 0, exactly K; 257: everything); "
                         "default bld_scale.cache.rows.DEFAULT_TOP_K, or DEFAULT_FIXED_TOP_K with --tail-mass 0")
-    parser.add_argument("--dtype", choices=("uint8", "float16", "float32"), default=None,
-                        help="stored log-probabilities (uint8: 1/16-nat steps); default "
+    parser.add_argument("--dtype", choices=("sqrt", "uint8", "float16", "float32"), default=None,
+                        help="stored values (sqrt: 6-bit codes of sqrt(p), adaptive rows only; uint8: log-probabilities "
+                        "in 1/16-nat steps); default "
                         "bld_scale.cache.rows.DEFAULT_DTYPE, or DEFAULT_FIXED_DTYPE with --tail-mass 0 or --top-k 257")
     parser.add_argument("--no-compress", action="store_true", help="store the shards as plain safetensors "
                         "(default: xz-compressed, about a third smaller; a resumed cache keeps its own choice)")

@@ -6,8 +6,10 @@
                              top-k), window count;
                              "complete": false while shards are being written, then true with
                              every shard's bytes, SHA-256 and window range ("shards") and the
-                             mass truncation left out per outcome, summed ("tail_mass": the
-                             profile truncated rows are decoded with, `cache.rows`)
+                             mass truncation left out per outcome, summed ("tail_mass"), and per
+                             context of the text ("tail_mass_by_context", 16 x 257, with
+                             "tail_context": how contexts are found): the profiles truncated
+                             rows are decoded with (`cache.tail`)
     shard-000000.safetensors windows [s*W, (s+1)*W) of the stream (W = windows_per_shard), xz-compressed
                              as shard-000000.safetensors.xz when the header says "compression": "xz"
                              (the default: a third of the bytes, `tools/bench_teacher_cache.py`):
@@ -15,7 +17,7 @@
                              row_offsets[i]:row_offsets[i+1], one row per text byte),
                              `window_sha256` uint8 [w, 8] (the start of each window text's SHA-256)
                              and the rows (`cache.rows`)
-    shard-000000.json        that shard's bytes, SHA-256, windows and tail mass, written after it (atomically):
+    shard-000000.json        that shard's bytes, SHA-256, windows and tail masses, written after it (atomically):
                              a shard without one, or that does not match it, is redone on a rerun
 
 Hashing and fingerprints are the checkpoint package's (`checkpoint.manifest.hash_file`,

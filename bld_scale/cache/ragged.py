@@ -21,9 +21,13 @@ so a row's decoded KL is at most about the KL_n its count was chosen with.
 
 Storage, ragged, per shard (R rows, T = sum of counts entries):
     counts    uint8 [R]  values kept per row (1..cap)
-    symbols   uint8 [T]  their byte values, row after row, most probable first
-    logprobs  [T]        their log-probabilities (`cache.quantize`: uint8 codes, float16 or float32)
-    rest      [R]        the log of each row's remaining mass, in the same dtype
+    symbols   uint8 [T]  their byte values, row after row, each row's in increasing order (a row's
+                         set then repeats across rows with the text's contexts: xz stores these
+                         2.5x smaller than the same values in order of probability; caches made
+                         before are in order of probability, which decodes the same)
+    logprobs  [T]        their log-probabilities (`cache.quantize`: uint8 codes, float16 or float32),
+      or sqrt_probs uint8 [T] with dtype "sqrt": their probabilities' square roots in 6-bit codes
+    rest      [R]        the log of each row's remaining mass, in the same dtype (uint8 for "sqrt")
 so a row costs 1 + s + counts * (1 + s) bytes for s bytes per stored log-probability. A window's
 rows are rows a:b (the shard's `row_offsets`) and entries `entry_offsets[a]:entry_offsets[b]`, the
 running sum of `counts` (`entry_offsets`, computed when a shard is read, not stored).
@@ -34,7 +38,7 @@ import math
 
 import torch
 
-from bld_scale.cache.quantize import load_logprobs, store_logprobs
+from bld_scale.cache.quantize import load_logprobs, load_sqrt, store_logprobs, store_sqrt
 from bld_scale.cache.tail import BYTE_VALUES, OUTCOMES
 
 MAX_CAP = 255  # a count is one uint8
@@ -100,8 +104,14 @@ def encode_ragged(q: torch.Tensor, tau: float, cap: int, dtype: str,
     take = torch.arange(cap, device=q.device) < counts.unsqueeze(1)
     kept = torch.zeros(q.shape, dtype=torch.bool, device=q.device).scatter_(1, symbols, take)
     rest = torch.logsumexp(q.masked_fill(kept, -math.inf), dim=1)  # exact even when tiny
-    return {"counts": counts.to(torch.uint8).contiguous(), "symbols": symbols[take].to(torch.uint8).contiguous(),
-            "logprobs": store_logprobs(values[take], dtype), "rest": store_logprobs(rest, dtype)}
+    # each row's entries in increasing byte value: the kept mask read row by row
+    in_order = kept[:, :BYTE_VALUES]
+    kept_symbols = in_order.nonzero()[:, 1]
+    kept_values = q[:, :BYTE_VALUES][in_order]
+    entries = ({"sqrt_probs": store_sqrt(kept_values)} if dtype == "sqrt"
+               else {"logprobs": store_logprobs(kept_values, dtype)})
+    return {"counts": counts.to(torch.uint8).contiguous(), "symbols": kept_symbols.to(torch.uint8).contiguous(),
+            **entries, "rest": store_logprobs(rest, "uint8" if dtype == "sqrt" else dtype)}
 
 
 def entry_offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -112,8 +122,16 @@ def entry_offsets(counts: torch.Tensor) -> torch.Tensor:
 def ragged_slice(stored: dict[str, torch.Tensor], offsets: torch.Tensor, a: int, b: int) -> dict[str, torch.Tensor]:
     """Rows a:b of a shard's ragged tensors (`offsets`: `entry_offsets` of its counts)."""
     lo, hi = int(offsets[a]), int(offsets[b])
+    entries = "sqrt_probs" if "sqrt_probs" in stored else "logprobs"
     return {"counts": stored["counts"][a:b], "rest": stored["rest"][a:b],
-            "symbols": stored["symbols"][lo:hi], "logprobs": stored["logprobs"][lo:hi]}
+            "symbols": stored["symbols"][lo:hi], entries: stored[entries][lo:hi]}
+
+
+def entry_logprobs(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float64 log-probabilities of a ragged shard's stored entries, whichever way they are coded."""
+    if "sqrt_probs" in stored:
+        return load_sqrt(stored["sqrt_probs"])
+    return load_logprobs(stored["logprobs"])
 
 
 def ragged_kept(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,5 +143,5 @@ def ragged_kept(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     kept = torch.zeros(len(counts), OUTCOMES, dtype=torch.bool, device=device)
     kept[rows, symbols] = True
     values = torch.full((len(counts), OUTCOMES), -math.inf, dtype=torch.float64, device=device)
-    values[rows, symbols] = load_logprobs(stored["logprobs"])
+    values[rows, symbols] = entry_logprobs(stored)
     return kept, values

@@ -25,6 +25,7 @@ from bld_scale.cache.layout import (COMPRESSION, codec_label, read_manifest, sha
                                     source_problems, window_digest)
 from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import OUTCOMES, decode_rows, tail_prior
+from bld_scale.cache.tail import CONTEXT_RULE, previous_byte_contexts
 from bld_scale.convert.byte_rows import pad_byte_rows
 
 BUILD = "tools/cache_teacher.py --config RECIPE --out DIR"
@@ -38,7 +39,8 @@ class TeacherCache:
         self.windows = int(manifest["windows"])
         self.per_shard = int(manifest["windows_per_shard"])
         self._shard: tuple[int, dict] | None = None  # the one shard held in memory
-        self.prior = tail_prior(manifest.get("tail_mass"))  # where truncated rows' remaining mass goes
+        # where truncated rows' remaining mass goes: per context of the text when the cache has it
+        self.prior = tail_prior(manifest.get("tail_mass"), manifest.get("tail_mass_by_context"))
 
     @property
     def codec(self) -> str:
@@ -63,6 +65,10 @@ class TeacherCache:
             raise TeacherCacheError(f"distill.teacher_cache={folder}: its shards are compressed with "
                                     f"{manifest['compression']!r}, which this bld_scale does not read (only "
                                     f"{COMPRESSION!r}): use the bld_scale version that made it, or build it again")
+        if manifest.get("tail_context", CONTEXT_RULE) != CONTEXT_RULE:
+            raise TeacherCacheError(f"distill.teacher_cache={folder}: its tail profile is by "
+                                    f"{manifest['tail_context']!r}, which this bld_scale does not know (only "
+                                    f"{CONTEXT_RULE!r}): use the bld_scale version that made it, or build it again")
         problems = source_problems(manifest, recipe)
         if problems:
             raise TeacherCacheError(f"distill.teacher_cache={folder} was made for another run: {'; '.join(problems)}. "
@@ -108,7 +114,8 @@ class TeacherCache:
             stored = ragged_slice(t, t["entry_offsets"], a, b)
         else:  # fixed top-k or whole rows: one row of the tensors per text byte
             stored = {name: t[name][a:b] for name in ("symbols", "logprobs", "rest") if name in t}
-        return decode_rows(stored, self.prior)
+        contexts = previous_byte_contexts(text.encode("utf-8")) if self.prior is not None and self.prior.dim() == 2 else None
+        return decode_rows(stored, self.prior, contexts)
 
     def targets(self, batch, windows: Sequence[str], first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(byte_logprobs, mask) of `batch` (made from `windows`, stream windows `first`, `first + 1`, ...)

@@ -15,10 +15,11 @@ Three layouts, told apart by the tensors a shard holds (and recorded in the mani
 EOT (column 256) is never among the stored byte values: its mass stays in `rest`. By the spec
 q_n(EOT) is non-zero only at a teacher token boundary, as the teacher's EOS mass there, which in
 running text is tiny (the bench reports what it loses), and keeping it out lets a byte value fit in
-one byte. Log-probabilities are stored in float16, float32 or uint8 codes of 1/16 nat
-(`cache.quantize`). Decoding (`decode_rows`) makes a proper distribution over the 257 outcomes: the
-stored log-probabilities in place and the remaining mass spread over the outcomes not stored by the
-cache's tail profile (`cache.tail`).
+one byte. Log-probabilities are stored in float16, float32 or uint8 codes of 1/16 nat, or, for the
+adaptive layout, as 6-bit codes of sqrt(p) (`cache.quantize`). Decoding (`decode_rows`) makes a
+proper distribution over the 257 outcomes: the stored log-probabilities in place and the remaining
+mass spread over the outcomes not stored by the cache's tail profile (`cache.tail`), per context
+of the text where the cache has one.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 from bld_scale.cache.quantize import DTYPES, check_dtype, load_logprobs, store_logprobs
 from bld_scale.cache.ragged import MAX_CAP, check_adaptive, encode_ragged, ragged_kept
 from bld_scale.cache.tail import BYTE_VALUES, OUTCOMES, PRIOR_FLOOR, spread_rest, tail_prior  # noqa: F401 (re-exported)
+from bld_scale.cache.tail import context_tail_sums as _context_tail_sums
 from bld_scale.cache.tail import tail_sums as _tail_sums
 
 FULL = OUTCOMES  # k that keeps everything
@@ -45,6 +47,9 @@ def check_codec(k: int, dtype: str, tail_mass: float = 0.0, kl_per_value: float 
     k = 257, whole rows, and for a fixed top-k)."""
     check_top_k(k)
     check_dtype(dtype)
+    if dtype == "sqrt" and not (k < FULL and (tail_mass or kl_per_value)):
+        raise ValueError("dtype sqrt codes the adaptive rows' stored values (a KL per value or a tail mass, "
+                         "k <= 255): for a fixed top-k or whole rows use uint8, float16 or float32")
     if k == FULL:
         if dtype == "uint8":
             raise ValueError("top-k 257 stores whole rows to be lossless: use --dtype float32 (or float16), "
@@ -97,15 +102,23 @@ def tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor]) -> list[float]:
     return _tail_sums(q, kept_outcomes(stored)[0])
 
 
-def decode_rows(stored: dict[str, torch.Tensor], prior: torch.Tensor | None = None) -> torch.Tensor:
+def context_tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor], contexts: torch.Tensor) -> list[list[float]] | None:
+    """`tail_sums` per context of the rows (`cache.tail.previous_byte_contexts`); None for k = 257."""
+    if "symbols" not in stored:
+        return None
+    return _context_tail_sums(q, kept_outcomes(stored)[0], contexts)
+
+
+def decode_rows(stored: dict[str, torch.Tensor], prior: torch.Tensor | None = None,
+                contexts: torch.Tensor | None = None) -> torch.Tensor:
     """The tensors of `encode_rows` -> `[R, 257]` float32 log-probabilities of a proper distribution
     (module docstring: the remaining mass spread over the outcomes not stored in proportion to
-    `prior [257]`, uniformly when None). A row whose stored values are all -inf (an undefined
-    teacher row) stays all -inf."""
+    `prior`, `[257]` or `[CONTEXTS, 257]` with the rows' `contexts`; uniformly when None). A row
+    whose stored values are all -inf (an undefined teacher row) stays all -inf."""
     if "symbols" not in stored:
         return stored["logprobs"].float()
     kept, values = kept_outcomes(stored)
-    return spread_rest(kept, values, load_logprobs(stored["rest"]), prior)
+    return spread_rest(kept, values, load_logprobs(stored["rest"]), prior, contexts)
 
 
 def bytes_per_row(k: int, dtype: str, mean_count: float | None = None) -> float:
@@ -118,9 +131,10 @@ def bytes_per_row(k: int, dtype: str, mean_count: float | None = None) -> float:
 
 
 # The defaults (tools/cache_teacher.py): see the README's teacher-cache figures for the trade-off.
-DEFAULT_KL_PER_VALUE = 0.005  # adaptive: each stored byte value saves at least this KL (bits) on its row
+DEFAULT_KL_PER_VALUE = 0.01  # adaptive: each stored byte value saves at least this KL (bits) on its row
+# (0.005 with uint8 codes and one tail profile before the profile by context and sqrt codes)
 DEFAULT_TAIL_MASS = 0.0  # the default rule is the KL one (--tail-mass 0.005 was the default before it)
 DEFAULT_TOP_K = MAX_CAP  # adaptive: no cap in practice
 DEFAULT_FIXED_TOP_K = 32  # with tail mass 0 (a fixed top-k), when --top-k is not given
-DEFAULT_DTYPE = "uint8"
+DEFAULT_DTYPE = "sqrt"  # adaptive rows: 6-bit sqrt(p) codes (uint8 1/16-nat log codes before)
 DEFAULT_FIXED_DTYPE = "float16"  # with tail mass 0 or k = 257, when --dtype is not given (as before)

@@ -21,7 +21,8 @@ import torch
 from bld_scale.cache.errors import TeacherCacheError
 from bld_scale.cache.layout import (ADAPTIVE_KEYS, COMPRESSION, MANIFEST, cache_header, codec_label, read_manifest,
                                     shard_bytes, shard_name, shard_problem, sidecar_name, window_index)
-from bld_scale.cache.rows import check_codec, encode_rows, tail_sums
+from bld_scale.cache.rows import check_codec, context_tail_sums, encode_rows, tail_sums
+from bld_scale.cache.tail import CONTEXT_RULE, previous_byte_contexts
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
 from bld_scale.data.batch import PairTokenizer, collate, split_windows
@@ -61,7 +62,7 @@ def _header_problems(found: dict, wanted: dict) -> list[str]:
     return [f"{k}: {found.get(k)!r} there, {wanted.get(k)!r} asked" for k in keys]
 
 
-def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], windows: tuple[int, int],
+def _write_shard(folder: Path, index: int, tensors: dict, tail: dict, windows: tuple[int, int],
                  compression: str | None) -> None:
     path = folder / shard_name(index, compression)
     tmp = path.with_name(path.name + ".tmp")
@@ -71,12 +72,12 @@ def _write_shard(folder: Path, index: int, tensors: dict, tail: list[float], win
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(folder)
-    record = {**hash_file(path), "windows": list(windows), "rows": int(tensors["row_offsets"][-1]), "tail_mass": tail}
+    record = {**hash_file(path), "windows": list(windows), "rows": int(tensors["row_offsets"][-1]), **tail}
     write_atomic(folder / sidecar_name(index), json.dumps(record))
 
 
 def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str, tail_mass: float,
-                  kl_per_value: float, batch_size: int) -> tuple[dict, list[float]]:
+                  kl_per_value: float, batch_size: int) -> tuple[dict, dict]:
     rows = []
     for i in range(0, len(texts), batch_size):
         part = texts[i:i + batch_size]
@@ -88,7 +89,21 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
         rows.extend(got)
     q = torch.cat(rows)
     stored = encode_rows(q, top_k, dtype, tail_mass, kl_per_value)
-    return {**window_index(texts, [r.shape[0] for r in rows]), **stored}, tail_sums(q, stored)
+    tail = {"tail_mass": tail_sums(q, stored)}
+    by_context = context_tail_sums(q, stored, torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts]))
+    if by_context is not None:
+        tail["tail_mass_by_context"] = by_context
+    return {**window_index(texts, [r.shape[0] for r in rows]), **stored}, tail
+
+
+def _summed_tails(records: list[dict]) -> dict:
+    """The manifest's tail profile: the shards' tail masses summed, per context too when every shard
+    has them (a cache begun before they were recorded decodes with the overall profile alone)."""
+    tail = {"tail_mass": [sum(col) for col in zip(*(r["tail_mass"] for r in records))]}
+    if all("tail_mass_by_context" in r for r in records):
+        by_context = torch.tensor([r["tail_mass_by_context"] for r in records], dtype=torch.float64).sum(0)
+        tail.update(tail_context=CONTEXT_RULE, tail_mass_by_context=by_context.tolist())
+    return tail
 
 
 def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_windows: int | None = None,
@@ -159,8 +174,10 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
                 raise TeacherCacheError(f"{sidecar} is missing after every rank finished: run the same "
                                         "command again to redo that shard")
             shards[shard_name(s, compression)] = json.loads(sidecar.read_text())
-        tail = [sum(col) for col in zip(*(entry["tail_mass"] for entry in shards.values()))]
-        manifest = {**wanted, "complete": True, "tail_mass": tail, "shards": shards}
+        tail = _summed_tails(list(shards.values()))
+        for entry in shards.values():  # per-context sums stay in the shards' records: the manifest holds their total
+            entry.pop("tail_mass_by_context", None)
+        manifest = {**wanted, "complete": True, **tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
         log(f"teacher cache {folder}: {total} windows in {n_shards} shards ({codec_label(wanted)})")
     barrier()

@@ -18,6 +18,7 @@ from bld_scale.cache.errors import TeacherCacheError
 from bld_scale.cache.layout import MANIFEST, shard_name, sidecar_name
 from bld_scale.cache.reader import TeacherCache
 from bld_scale.cache.rows import bytes_per_row, decode_rows, encode_rows
+from bld_scale.cache.tail import BYTE_CLASS, CONTEXTS
 from bld_scale.cache.writer import build_cache
 from bld_scale.config import load_recipe
 from bld_scale.data.sources import WindowStream, open_corpus
@@ -110,10 +111,23 @@ def test_the_manifest_sums_the_mass_truncation_left_out(tmp_path):
     texts = stream_windows(recipe(), WINDOWS)
     p = torch.cat(synthetic_rows(texts)).exp()
     top = torch.topk(p[:, :256], 4).indices
-    want = p.scatter(1, top, 0.0).sum(0)
+    left = p.scatter(1, top, 0.0)
+    want = left.sum(0)
     np.testing.assert_allclose(manifest["tail_mass"], want.numpy(), rtol=1e-9)
+    # per context: the class of the byte before each row, the window's first row in class 0
+    previous = [None if i == 0 else t.encode()[i - 1] for t in texts for i in range(len(t.encode()))]
+    by_context = torch.zeros(CONTEXTS, 257, dtype=torch.float64)
+    for row, b in zip(left, previous):
+        by_context[0 if b is None else int(BYTE_CLASS[b])] += row
+    assert manifest["tail_context"] == "previous byte class" and all("tail_mass_by_context" not in e
+                                                                     for e in manifest["shards"].values())
+    np.testing.assert_allclose(manifest["tail_mass_by_context"], by_context.numpy(), rtol=1e-9, atol=1e-15)
     cache = TeacherCache.open(tmp_path / "c", recipe(), 1)
-    assert torch.allclose(cache.prior, (want / want.sum()).clamp(min=1e-9))
+    overall = want / want.sum()
+    smoothed = (by_context + overall) / (by_context.sum(1, keepdim=True) + 1.0)  # CONTEXT_SMOOTHING = 1
+    assert torch.allclose(cache.prior, smoothed.clamp(min=1e-9))
+    unseen = by_context.sum(1) == 0
+    assert unseen.any() and torch.allclose(cache.prior[unseen], overall.clamp(min=1e-9).expand(int(unseen.sum()), -1))
 
 
 def test_float16_rows_are_proper_distributions_near_the_originals():

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import MANIFEST, shard_name
-from bld_scale.cache.quantize import load_logprobs, store_logprobs
+from bld_scale.cache.layout import MANIFEST, shard_name, shard_tensors, sidecar_name
+from bld_scale.cache.quantize import load_logprobs, load_sqrt, store_logprobs, store_sqrt
+from bld_scale.cache.ragged import entry_offsets, ragged_kept
 from bld_scale.cache.reader import TeacherCache
-from bld_scale.cache.rows import bytes_per_row, decode_rows, encode_rows, tail_prior, tail_sums
+from bld_scale.cache.rows import bytes_per_row, context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums
+from bld_scale.cache.tail import previous_byte_contexts
 from test_teacher_cache import WINDOWS, build, recipe, stream_windows, synthetic_rows
 
 TOOLS = str(Path(__file__).resolve().parents[2] / "tools")  # the bench and the cache tool import from here
@@ -155,7 +157,8 @@ def test_a_kl_per_value_cache_records_its_rule_and_refuses_another(tmp_path):
     cache = TeacherCache.open(folder, r, WINDOWS - 3)
     assert cache.codec == "KL per value 0.003 bits, k <= 255, uint8"
     for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        want = decode_rows(encode_rows(row, 255, "uint8", kl_per_value=0.003), cache.prior)
+        want = decode_rows(encode_rows(row, 255, "uint8", kl_per_value=0.003), cache.prior,
+                           previous_byte_contexts(text.encode()))
         assert torch.equal(cache.window_rows(i, text), want)
     build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)  # resumes
     with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*kl_per_value: 0.003 there, "
@@ -244,6 +247,88 @@ def test_uint8_rows_decode_to_proper_distributions_near_the_float32_ones():
     assert torch.equal(torch.isinf(coded), torch.isinf(exact))
 
 
+def test_sqrt_codes_are_within_half_a_step_of_the_square_root():
+    g = torch.Generator().manual_seed(0)
+    p = torch.cat([torch.rand(10000, generator=g, dtype=torch.float64), torch.tensor([1.0, 1e-3, 6e-5, 1e-12])])
+    codes = store_sqrt(p.log())
+    assert codes.dtype == torch.uint8 and int(codes.min()) == 1 and int(codes.max()) == 63
+    back = load_sqrt(codes).exp()
+    assert (back.sqrt() - p.sqrt())[p >= (0.5 / 63) ** 2].abs().max() <= 0.5 / 63 + 1e-12
+    least = back[p < (0.5 / 63) ** 2]  # the least code: never zero
+    assert back[-4] == 1.0 and len(least) >= 2 and torch.allclose(least, torch.full_like(least, (1 / 63) ** 2))
+    with pytest.raises(ValueError, match="store_sqrt"):
+        store_logprobs(p.log(), "sqrt")
+
+
+def test_sqrt_rows_keep_the_float32_rows_outcomes_within_half_a_step():
+    q = mixed_rows(seed=4)
+    exact, coded = encode_rows(q, 255, "float32", kl_per_value=0.003), encode_rows(q, 255, "sqrt", kl_per_value=0.003)
+    assert "logprobs" not in coded and coded["sqrt_probs"].dtype == coded["rest"].dtype == torch.uint8
+    assert torch.equal(coded["rest"], store_logprobs(load_logprobs(exact["rest"]), "uint8"))  # rest: 1/16-nat codes
+    (kept_e, values_e), (kept_c, values_c) = ragged_kept(exact), ragged_kept(coded)
+    assert torch.equal(kept_e, kept_c)
+    p, back = values_e[kept_e].exp(), values_c[kept_c].exp()
+    big = p >= (0.5 / 63) ** 2
+    assert (back.sqrt() - p.sqrt())[big].abs().max() <= 0.5 / 63 + 1e-9
+    assert torch.allclose(back[~big], torch.full_like(back[~big], (1 / 63) ** 2))
+    decoded = decode_rows(coded).double()
+    defined = torch.isfinite(decoded).any(1)
+    assert torch.allclose(decoded[defined].exp().sum(1), torch.ones(int(defined.sum()), dtype=torch.float64), atol=1e-6)
+
+
+def test_sqrt_codes_are_refused_outside_the_adaptive_layout(tmp_path):
+    q = mixed_rows(seed=5)
+    for k, tau in ((16, 0.0), (257, 0.0), (257, 0.01)):
+        with pytest.raises(ValueError, match="sqrt codes the adaptive rows"):
+            encode_rows(q, k, "sqrt", tau)
+    with pytest.raises(TeacherCacheError, match="sqrt codes the adaptive rows"):
+        build(tmp_path / "c", top_k=32, dtype="sqrt")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_sqrt_cache_serves_each_window_as_its_rows_decode(tmp_path):
+    folder = tmp_path / "c"
+    manifest = build(folder, top_k=255, dtype="sqrt", kl_per_value=0.003, max_windows=WINDOWS - 3, compress=True)
+    assert manifest["dtype"] == "sqrt"
+    shard = shard_tensors((folder / shard_name(0, "xz")).read_bytes(), "xz")
+    assert set(shard) == {"row_offsets", "window_sha256", "counts", "symbols", "sqrt_probs", "rest"}
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
+    assert cache.codec == "KL per value 0.003 bits, k <= 255, sqrt"
+    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
+        want = decode_rows(encode_rows(row, 255, "sqrt", kl_per_value=0.003), cache.prior,
+                           previous_byte_contexts(text.encode()))
+        assert torch.equal(cache.window_rows(i, text), want)
+
+
+def test_adaptive_rows_store_each_rows_byte_values_in_increasing_order():
+    q = mixed_rows(seed=6)
+    stored = encode_rows(q, 255, "float32", kl_per_value=0.003)
+    offsets = entry_offsets(stored["counts"]).tolist()
+    permuted = {**stored, "symbols": stored["symbols"].clone(), "logprobs": stored["logprobs"].clone()}
+    for row, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        symbols = stored["symbols"][a:b].long()
+        assert bool((symbols[1:] > symbols[:-1]).all())
+        assert torch.equal(stored["logprobs"][a:b], q[row, symbols].float())
+        by_mass = torch.argsort(stored["logprobs"][a:b], descending=True, stable=True)
+        permuted["symbols"][a:b], permuted["logprobs"][a:b] = stored["symbols"][a:b][by_mass], stored["logprobs"][a:b][by_mass]
+    # the same entries in order of probability, as caches made before stored them, decode the same
+    assert not torch.equal(permuted["symbols"], stored["symbols"])
+    assert torch.equal(decode_rows(permuted), decode_rows(stored))
+
+
+def test_tail_contexts_are_the_class_of_the_previous_byte():
+    text = "Ab. é\n9\t(x),'\x01😀-".encode()
+    # start, A, b, ., space, é's lead, é's continuation, newline, 9, tab, (, x, ), comma, ', \x01,
+    # then the 4-byte emoji: its lead and three continuation bytes
+    want = [0, 4, 3, 6, 1, 13, 12, 2, 5, 2, 9, 3, 9, 7, 8, 11, 15, 12, 12, 12]
+    assert previous_byte_contexts(text).tolist() == want
+    assert previous_byte_contexts("€".encode()).tolist() == [0, 14, 12]  # after a 3-byte lead
+    assert previous_byte_contexts(b"").tolist() == [] and previous_byte_contexts(b"#").tolist() == [0]
+    assert previous_byte_contexts(b"#@").tolist() == [0, 10]
+
+
 def test_whole_rows_ignore_the_tail_mass_and_refuse_uint8():
     q = synthetic_rows(["whole rows"])[0]
     assert torch.equal(decode_rows(encode_rows(q, 257, "float32", 0.005)), q.float())
@@ -268,11 +353,14 @@ def test_an_adaptive_cache_serves_each_window_as_its_rows_decode(tmp_path):
     texts = stream_windows(r, WINDOWS - 3)
     rows = synthetic_rows(texts)
     q = torch.cat(rows)
-    want_prior = tail_prior(tail_sums(q, encode_rows(q, 255, "uint8", 0.01)))
+    stored = encode_rows(q, 255, "uint8", 0.01)
+    contexts = torch.cat([previous_byte_contexts(t.encode()) for t in texts])
+    want_prior = tail_prior(tail_sums(q, stored), context_tail_sums(q, stored, contexts))
     cache = TeacherCache.open(tmp_path / "c", r, WINDOWS - 3)
-    assert torch.allclose(cache.prior, want_prior, rtol=1e-12)
+    assert want_prior.shape == (16, 257) and torch.allclose(cache.prior, want_prior, rtol=1e-12)
     for i, (text, row) in enumerate(zip(texts, rows)):
-        assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 255, "uint8", 0.01), want_prior))
+        want = decode_rows(encode_rows(row, 255, "uint8", 0.01), want_prior, previous_byte_contexts(text.encode()))
+        assert torch.equal(cache.window_rows(i, text), want)
 
 
 def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resumes(tmp_path):
@@ -288,11 +376,43 @@ def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resu
     texts = stream_windows(r, WINDOWS - 3)
     cache = TeacherCache.open(folder, r, WINDOWS - 3)
     for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 8, "float16"), cache.prior))
+        want = decode_rows(encode_rows(row, 8, "float16"), cache.prior, previous_byte_contexts(text.encode()))
+        assert torch.equal(cache.window_rows(i, text), want)
     build(folder, top_k=8, dtype="float16", max_windows=WINDOWS - 3)  # the same command resumes it
     with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*another --out"):
         build(folder, top_k=8, dtype="float16", tail_mass=0.005, max_windows=WINDOWS - 3)
     assert json.loads((folder / MANIFEST).read_text())["complete"]
+
+
+def test_a_cache_made_before_tail_contexts_decodes_with_its_one_profile_and_resumes(tmp_path):
+    folder = tmp_path / "c"
+    build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    # what such a cache holds: no per-context sums in its shard records or its manifest
+    for path in [*folder.glob("shard-*.json"), folder / MANIFEST]:
+        body = json.loads(path.read_text())
+        body.pop("tail_mass_by_context", None)
+        body.pop("tail_context", None)
+        path.write_text(json.dumps(body))
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
+    assert cache.prior.shape == (257,)
+    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
+        assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 255, "uint8", kl_per_value=0.003),
+                                                                   cache.prior))
+    (folder / sidecar_name(1)).unlink()  # a shard redone by this version: its record has the sums, the other's not
+    manifest = build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    assert "tail_mass_by_context" not in manifest and TeacherCache.open(folder, r, WINDOWS - 3).prior.shape == (257,)
+
+
+def test_an_unknown_tail_context_is_refused(tmp_path):
+    folder = tmp_path / "c"
+    build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    body = json.loads((folder / MANIFEST).read_text())
+    body["tail_context"] = "previous two bytes"
+    (folder / MANIFEST).write_text(json.dumps(body))
+    with pytest.raises(TeacherCacheError, match="'previous two bytes'.*build it again"):
+        TeacherCache.open(folder, recipe(), WINDOWS - 3)
 
 
 def test_bad_codec_settings_are_refused_before_anything_is_written(tmp_path):
@@ -337,6 +457,7 @@ def test_the_bench_counts_token_rows_by_their_tail_mass(monkeypatch):
     (["--tail-mass", "0.01", "--kl-per-value", "0.003"], "both given.*one rule"),
     (["--kl-per-value", "1.5"], "KL per value 1.5 is out of range"),
     (["--top-k", "257", "--dtype", "uint8"], "257.*float32"),
+    (["--tail-mass", "0", "--dtype", "sqrt"], "sqrt codes the adaptive rows"),
 ])
 def test_the_cache_tool_refuses_codec_settings_before_loading_anything(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.syspath_prepend(TOOLS)

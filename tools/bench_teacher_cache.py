@@ -309,7 +309,7 @@ def main(argv=None) -> None:
         parts = entropy_bytes(encode_rows(q, *DEFAULT), previous)
         print(f"entropy of the default codec's streams, bytes per text byte (plug-in, with contexts a decoder "
               f"has): {', '.join(f'{k} {v:.2f}' for k, v in parts.items())}; total {sum(parts.values()):.2f}: "
-              f"what entropy coding with those contexts could reach at best", flush=True)
+              f"about what entropy coding with those contexts could reach (a plug-in estimate: optimistic)", flush=True)
 
     pair = PairTokenizer(sides.teacher_vocab, sides.student_vocab)
     with tempfile.TemporaryDirectory() as tmp:

@@ -114,8 +114,8 @@ class TeacherCache:
             stored = ragged_slice(t, t["entry_offsets"], a, b)
         else:  # fixed top-k or whole rows: one row of the tensors per text byte
             stored = {name: t[name][a:b] for name in ("symbols", "logprobs", "rest") if name in t}
-        contexts = previous_byte_contexts(text.encode("utf-8")) if self.prior is not None and self.prior.dim() == 2 else None
-        return decode_rows(stored, self.prior, contexts)
+        by_context = self.prior is not None and self.prior.dim() == 2
+        return decode_rows(stored, self.prior, previous_byte_contexts(text.encode("utf-8")) if by_context else None)
 
     def targets(self, batch, windows: Sequence[str], first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(byte_logprobs, mask) of `batch` (made from `windows`, stream windows `first`, `first + 1`, ...)

@@ -102,7 +102,8 @@ def tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor]) -> list[float]:
     return _tail_sums(q, kept_outcomes(stored)[0])
 
 
-def context_tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor], contexts: torch.Tensor) -> list[list[float]] | None:
+def context_tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor],
+                      contexts: torch.Tensor) -> list[list[float]] | None:
     """`tail_sums` per context of the rows (`cache.tail.previous_byte_contexts`); None for k = 257."""
     if "symbols" not in stored:
         return None

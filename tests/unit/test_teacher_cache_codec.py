@@ -148,18 +148,25 @@ def test_a_higher_kl_per_value_keeps_fewer_values_and_loses_more():
     assert peaked.sum() >= 5 and (previous_counts[peaked] == 1).all()  # 7 such rows here
 
 
+def assert_windows_decode(folder, k, dtype, **codec) -> TeacherCache:
+    """The cache in `folder` (WINDOWS - 3 windows) serves each window as its rows decode through
+    the codec and the cache's own profile, by context when it has one."""
+    r = recipe()
+    texts = stream_windows(r, WINDOWS - 3)
+    cache = TeacherCache.open(folder, r, WINDOWS - 3)
+    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
+        contexts = previous_byte_contexts(text.encode()) if cache.prior.dim() == 2 else None
+        want = decode_rows(encode_rows(row, k, dtype, **codec), cache.prior, contexts)
+        assert torch.equal(cache.window_rows(i, text), want)
+    return cache
+
+
 def test_a_kl_per_value_cache_records_its_rule_and_refuses_another(tmp_path):
     folder = tmp_path / "c"
     manifest = build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
     assert manifest["kl_per_value"] == 0.003 and "max_tail_mass" not in manifest
-    r = recipe()
-    texts = stream_windows(r, WINDOWS - 3)
-    cache = TeacherCache.open(folder, r, WINDOWS - 3)
-    assert cache.codec == "KL per value 0.003 bits, k <= 255, uint8"
-    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        want = decode_rows(encode_rows(row, 255, "uint8", kl_per_value=0.003), cache.prior,
-                           previous_byte_contexts(text.encode()))
-        assert torch.equal(cache.window_rows(i, text), want)
+    cache = assert_windows_decode(folder, 255, "uint8", kl_per_value=0.003)
+    assert cache.codec == "KL per value 0.003 bits, k <= 255, uint8" and cache.prior.shape == (16, 257)
     build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)  # resumes
     with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*kl_per_value: 0.003 there, "
                                                 r"None asked"):
@@ -292,14 +299,7 @@ def test_a_sqrt_cache_serves_each_window_as_its_rows_decode(tmp_path):
     assert manifest["dtype"] == "sqrt"
     shard = shard_tensors((folder / shard_name(0, "xz")).read_bytes(), "xz")
     assert set(shard) == {"row_offsets", "window_sha256", "counts", "symbols", "sqrt_probs", "rest"}
-    r = recipe()
-    texts = stream_windows(r, WINDOWS - 3)
-    cache = TeacherCache.open(folder, r, WINDOWS - 3)
-    assert cache.codec == "KL per value 0.003 bits, k <= 255, sqrt"
-    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        want = decode_rows(encode_rows(row, 255, "sqrt", kl_per_value=0.003), cache.prior,
-                           previous_byte_contexts(text.encode()))
-        assert torch.equal(cache.window_rows(i, text), want)
+    assert assert_windows_decode(folder, 255, "sqrt", kl_per_value=0.003).codec == "KL per value 0.003 bits, k <= 255, sqrt"
 
 
 def test_adaptive_rows_store_each_rows_byte_values_in_increasing_order():
@@ -372,12 +372,7 @@ def test_a_fixed_top_k_cache_made_before_the_adaptive_codec_still_reads_and_resu
     shard = load_file(str(folder / shard_name(0)))  # the layout they had: one [R, k] row per text byte
     assert set(shard) == {"row_offsets", "window_sha256", "symbols", "logprobs", "rest"}
     assert shard["symbols"].shape == shard["logprobs"].shape == (int(shard["row_offsets"][-1]), 8)
-    r = recipe()
-    texts = stream_windows(r, WINDOWS - 3)
-    cache = TeacherCache.open(folder, r, WINDOWS - 3)
-    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        want = decode_rows(encode_rows(row, 8, "float16"), cache.prior, previous_byte_contexts(text.encode()))
-        assert torch.equal(cache.window_rows(i, text), want)
+    assert_windows_decode(folder, 8, "float16")
     build(folder, top_k=8, dtype="float16", max_windows=WINDOWS - 3)  # the same command resumes it
     with pytest.raises(TeacherCacheError, match=r"max_tail_mass: None there, 0.005 asked.*another --out"):
         build(folder, top_k=8, dtype="float16", tail_mass=0.005, max_windows=WINDOWS - 3)
@@ -393,16 +388,11 @@ def test_a_cache_made_before_tail_contexts_decodes_with_its_one_profile_and_resu
         body.pop("tail_mass_by_context", None)
         body.pop("tail_context", None)
         path.write_text(json.dumps(body))
-    r = recipe()
-    texts = stream_windows(r, WINDOWS - 3)
-    cache = TeacherCache.open(folder, r, WINDOWS - 3)
-    assert cache.prior.shape == (257,)
-    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        assert torch.equal(cache.window_rows(i, text), decode_rows(encode_rows(row, 255, "uint8", kl_per_value=0.003),
-                                                                   cache.prior))
+    assert assert_windows_decode(folder, 255, "uint8", kl_per_value=0.003).prior.shape == (257,)
     (folder / sidecar_name(1)).unlink()  # a shard redone by this version: its record has the sums, the other's not
     manifest = build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
-    assert "tail_mass_by_context" not in manifest and TeacherCache.open(folder, r, WINDOWS - 3).prior.shape == (257,)
+    assert "tail_mass_by_context" not in manifest
+    assert assert_windows_decode(folder, 255, "uint8", kl_per_value=0.003).prior.shape == (257,)
 
 
 def test_an_unknown_tail_context_is_refused(tmp_path):

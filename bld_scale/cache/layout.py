@@ -7,7 +7,7 @@
                              "complete": false while shards are being written, then true with
                              every shard's bytes, SHA-256 and window range ("shards") and the
                              mass truncation left out per outcome, summed ("tail_mass"), and per
-                             context of the text ("tail_mass_by_context", 16 x 257, with
+                             context of the text over the first shard ("tail_mass_by_context", 16 x 257, with
                              "tail_context": how contexts are found): the profiles truncated
                              rows are decoded with (`cache.tail`)
     shard-000000.safetensors windows [s*W, (s+1)*W) of the stream (W = windows_per_shard), xz-compressed

@@ -9,7 +9,8 @@ actually are (spaces, letters, punctuation rather than control bytes): on the de
 loses 2.5-7x less KL than a uniform spread (`tools/bench_teacher_cache.py` measures both); every
 outcome keeps a floor (`PRIOR_FLOOR`), so a row stays a proper distribution and the KL term finite.
 
-Caches written since the profile is conditioned on the text record it per context too: the class of
+Caches written since the profile is conditioned on the text record it per context too (summed over
+the cache's first shard, `cache.writer.PROFILE_SHARD`): the class of
 the byte before the row's position (`previous_byte_contexts`, 16 classes: window start, space,
 line breaks, lower/upper case letters, digits, punctuation groups, control bytes, and the UTF-8
 roles: continuation, lead of 2, 3, 4 bytes). After a UTF-8 lead byte the tail is all continuation

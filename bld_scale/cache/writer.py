@@ -28,6 +28,10 @@ from bld_scale.checkpoint.manifest import hash_file
 from bld_scale.data.batch import PairTokenizer, collate, split_windows
 from bld_scale.data.sources import WindowStream, open_corpus
 
+# The tail profile by context is estimated on one shard (its 16 x 257 sums are ~70 KB of JSON: in every
+# shard's record they would cost more than half a byte per text byte of a default shard); its 256
+# windows are ~125k rows of 512-byte windows from the shuffled stream, plenty for 16 contexts.
+PROFILE_SHARD = 0
 # `rows_of(windows) -> one [len(text bytes), 257] tensor of log-probabilities per window`:
 # row n is q_n, the next-byte distribution after the window's first n bytes.
 RowsOf = Callable[[Sequence[str]], list]
@@ -77,7 +81,7 @@ def _write_shard(folder: Path, index: int, tensors: dict, tail: dict, windows: t
 
 
 def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str, tail_mass: float,
-                  kl_per_value: float, batch_size: int) -> tuple[dict, dict]:
+                  kl_per_value: float, batch_size: int, by_context: bool) -> tuple[dict, dict]:
     rows = []
     for i in range(0, len(texts), batch_size):
         part = texts[i:i + batch_size]
@@ -90,19 +94,21 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
     q = torch.cat(rows)
     stored = encode_rows(q, top_k, dtype, tail_mass, kl_per_value)
     tail = {"tail_mass": tail_sums(q, stored)}
-    by_context = context_tail_sums(q, stored, torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts]))
-    if by_context is not None:
-        tail["tail_mass_by_context"] = by_context
+    if by_context:
+        contexts = torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts])
+        sums = context_tail_sums(q, stored, contexts)
+        if sums is not None:
+            tail["tail_mass_by_context"] = sums
     return {**window_index(texts, [r.shape[0] for r in rows]), **stored}, tail
 
 
 def _summed_tails(records: list[dict]) -> dict:
-    """The manifest's tail profile: the shards' tail masses summed, per context too when every shard
-    has them (a cache begun before they were recorded decodes with the overall profile alone)."""
+    """The manifest's tail profiles: the shards' tail masses summed, and the first shard's per context
+    (`PROFILE_SHARD`) when its record has them (one begun before they were recorded: the overall
+    profile alone)."""
     tail = {"tail_mass": [sum(col) for col in zip(*(r["tail_mass"] for r in records))]}
-    if all("tail_mass_by_context" in r for r in records):
-        by_context = torch.tensor([r["tail_mass_by_context"] for r in records], dtype=torch.float64).sum(0)
-        tail.update(tail_context=CONTEXT_RULE, tail_mass_by_context=by_context.tolist())
+    if "tail_mass_by_context" in records[PROFILE_SHARD]:
+        tail.update(tail_context=CONTEXT_RULE, tail_mass_by_context=records[PROFILE_SHARD]["tail_mass_by_context"])
     return tail
 
 
@@ -159,7 +165,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             continue
         if entry is not None:
             log(f"redoing {problem}")
-        tensors, tail = _encode_shard(texts, rows_of, top_k, dtype, tail_mass, kl_per_value, batch_size)
+        tensors, tail = _encode_shard(texts, rows_of, top_k, dtype, tail_mass, kl_per_value, batch_size,
+                                      by_context=s == PROFILE_SHARD)
         _write_shard(folder, s, tensors, tail, (first, last), compression)
         made += 1
         log(f"rank {rank}: shard {s + 1}/{n_shards} (windows {first}..{last - 1}) written")
@@ -175,7 +182,7 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
                                         "command again to redo that shard")
             shards[shard_name(s, compression)] = json.loads(sidecar.read_text())
         tail = _summed_tails(list(shards.values()))
-        for entry in shards.values():  # per-context sums stay in the shards' records: the manifest holds their total
+        for entry in shards.values():  # the per-context sums are in the manifest once, not in its shard list
             entry.pop("tail_mass_by_context", None)
         manifest = {**wanted, "complete": True, **tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))

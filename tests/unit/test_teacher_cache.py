@@ -114,8 +114,9 @@ def test_the_manifest_sums_the_mass_truncation_left_out(tmp_path):
     left = p.scatter(1, top, 0.0)
     want = left.sum(0)
     np.testing.assert_allclose(manifest["tail_mass"], want.numpy(), rtol=1e-9)
-    # per context: the class of the byte before each row, the window's first row in class 0
-    previous = [None if i == 0 else t.encode()[i - 1] for t in texts for i in range(len(t.encode()))]
+    # per context, on the first shard's rows: the class of the byte before each row, a window's first
+    # row in class 0
+    previous = [None if i == 0 else t.encode()[i - 1] for t in texts[:PER_SHARD] for i in range(len(t.encode()))]
     by_context = torch.zeros(CONTEXTS, 257, dtype=torch.float64)
     for row, b in zip(left, previous):
         by_context[0 if b is None else int(BYTE_CLASS[b])] += row

@@ -19,7 +19,7 @@ from bld_scale.cache.ragged import entry_offsets, ragged_kept
 from bld_scale.cache.reader import TeacherCache
 from bld_scale.cache.rows import bytes_per_row, context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums
 from bld_scale.cache.tail import previous_byte_contexts
-from test_teacher_cache import WINDOWS, build, recipe, stream_windows, synthetic_rows
+from test_teacher_cache import PER_SHARD, WINDOWS, build, recipe, stream_windows, synthetic_rows
 
 TOOLS = str(Path(__file__).resolve().parents[2] / "tools")  # the bench and the cache tool import from here
 
@@ -353,9 +353,10 @@ def test_an_adaptive_cache_serves_each_window_as_its_rows_decode(tmp_path):
     texts = stream_windows(r, WINDOWS - 3)
     rows = synthetic_rows(texts)
     q = torch.cat(rows)
-    stored = encode_rows(q, 255, "uint8", 0.01)
-    contexts = torch.cat([previous_byte_contexts(t.encode()) for t in texts])
-    want_prior = tail_prior(tail_sums(q, stored), context_tail_sums(q, stored, contexts))
+    first = torch.cat(rows[:PER_SHARD])  # the profile by context: the first shard's rows
+    contexts = torch.cat([previous_byte_contexts(t.encode()) for t in texts[:PER_SHARD]])
+    want_prior = tail_prior(tail_sums(q, encode_rows(q, 255, "uint8", 0.01)),
+                            context_tail_sums(first, encode_rows(first, 255, "uint8", 0.01), contexts))
     cache = TeacherCache.open(tmp_path / "c", r, WINDOWS - 3)
     assert want_prior.shape == (16, 257) and torch.allclose(cache.prior, want_prior, rtol=1e-12)
     for i, (text, row) in enumerate(zip(texts, rows)):
@@ -389,10 +390,15 @@ def test_a_cache_made_before_tail_contexts_decodes_with_its_one_profile_and_resu
         body.pop("tail_context", None)
         path.write_text(json.dumps(body))
     assert assert_windows_decode(folder, 255, "uint8", kl_per_value=0.003).prior.shape == (257,)
-    (folder / sidecar_name(1)).unlink()  # a shard redone by this version: its record has the sums, the other's not
+    (folder / sidecar_name(1)).unlink()  # another shard redone by this version: still one profile
     manifest = build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
     assert "tail_mass_by_context" not in manifest
     assert assert_windows_decode(folder, 255, "uint8", kl_per_value=0.003).prior.shape == (257,)
+    (folder / sidecar_name(0)).unlink()  # the first shard redone: its record has the per-context sums
+    manifest = build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=WINDOWS - 3)
+    assert manifest["tail_context"] == "previous byte class"
+    assert assert_windows_decode(folder, 255, "uint8", kl_per_value=0.003).prior.shape == (16, 257)
+    assert "tail_mass_by_context" not in json.loads((folder / sidecar_name(1)).read_text())  # the first shard's only
 
 
 def test_an_unknown_tail_context_is_refused(tmp_path):

@@ -182,7 +182,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
                                         "command again to redo that shard")
             shards[shard_name(s, compression)] = json.loads(sidecar.read_text())
         tail = _summed_tails(list(shards.values()))
-        for entry in shards.values():  # the per-context sums are in the manifest once, not in its shard list
+        for entry in shards.values():  # the manifest holds the totals; each shard's own stay in its record
+            entry.pop("tail_mass", None)
             entry.pop("tail_mass_by_context", None)
         manifest = {**wanted, "complete": True, **tail, "shards": shards}
         write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))

@@ -120,8 +120,8 @@ def test_the_manifest_sums_the_mass_truncation_left_out(tmp_path):
     by_context = torch.zeros(CONTEXTS, 257, dtype=torch.float64)
     for row, b in zip(left, previous):
         by_context[0 if b is None else int(BYTE_CLASS[b])] += row
-    assert manifest["tail_context"] == "previous byte class" and all("tail_mass_by_context" not in e
-                                                                     for e in manifest["shards"].values())
+    assert manifest["tail_context"] == "previous byte class"
+    assert all("tail_mass" not in e and "tail_mass_by_context" not in e for e in manifest["shards"].values())
     np.testing.assert_allclose(manifest["tail_mass_by_context"], by_context.numpy(), rtol=1e-9, atol=1e-15)
     cache = TeacherCache.open(tmp_path / "c", recipe(), 1)
     overall = want / want.sum()

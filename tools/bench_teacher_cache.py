@@ -45,7 +45,7 @@ from bld_scale.cache.layout import COMPRESSION, codec_label, shard_bytes, window
 from bld_scale.cache.reader import TeacherCache  # noqa: E402
 from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_KL_PER_VALUE, DEFAULT_TAIL_MASS, DEFAULT_TOP_K,  # noqa: E402
                                   context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums)
-from bld_scale.cache.tail import previous_byte_contexts  # noqa: E402
+from bld_scale.cache.tail import window_contexts  # noqa: E402
 from bld_scale.cache.writer import build_cache, teacher_rows  # noqa: E402
 from bld_scale.config import load_recipe  # noqa: E402
 from bld_scale.data.batch import PairTokenizer, collate  # noqa: E402
@@ -266,8 +266,7 @@ def main(argv=None) -> None:
           f"from {args.profile_windows} training windows")
     print(f"{'row rule':>15} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} {'xz':>6} "
           f"{'KL lost, bits/byte: by context':>31} {'one profile':>12} {'uniform':>9}")
-    contexts = torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts])
-    contexts_train = torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in windows[:args.profile_windows]])
+    contexts, contexts_train = window_contexts(texts), window_contexts(windows[:args.profile_windows])
     points = []
     for k, dtype, tau, lam in CODECS:
         stored_train = encode_rows(q_train, k, dtype, tau, lam)

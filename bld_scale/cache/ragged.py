@@ -100,7 +100,7 @@ def encode_ragged(q: torch.Tensor, tau: float, cap: int, dtype: str,
     the count of each row by the tail-mass rule `tau`, or by the KL-per-value rule when given."""
     check_adaptive(tau, cap, kl_per_value)
     q = q.to(torch.float64)
-    counts, values, symbols = kl_counts(q, kl_per_value, cap) if kl_per_value else row_counts(q, tau, cap)
+    counts, _, symbols = kl_counts(q, kl_per_value, cap) if kl_per_value else row_counts(q, tau, cap)
     take = torch.arange(cap, device=q.device) < counts.unsqueeze(1)
     kept = torch.zeros(q.shape, dtype=torch.bool, device=q.device).scatter_(1, symbols, take)
     rest = torch.logsumexp(q.masked_fill(kept, -math.inf), dim=1)  # exact even when tiny

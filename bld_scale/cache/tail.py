@@ -54,6 +54,11 @@ def previous_byte_contexts(text: bytes) -> torch.Tensor:
     return torch.cat([torch.zeros(min(len(text), 1), dtype=torch.int64), BYTE_CLASS[previous]])
 
 
+def window_contexts(texts) -> torch.Tensor:
+    """The contexts of the rows of consecutive windows `texts` (str), one window after another."""
+    return torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts])
+
+
 def tail_sums(q: torch.Tensor, kept: torch.Tensor) -> list[float]:
     """Per outcome, the probability mass of `q [R, 257]` (log-probabilities) outside `kept`
     (bool `[R, 257]`, the outcomes stored), summed over the rows."""

@@ -22,7 +22,7 @@ from bld_scale.cache.errors import TeacherCacheError
 from bld_scale.cache.layout import (ADAPTIVE_KEYS, COMPRESSION, MANIFEST, cache_header, codec_label, read_manifest,
                                     shard_bytes, shard_name, shard_problem, sidecar_name, window_index)
 from bld_scale.cache.rows import check_codec, context_tail_sums, encode_rows, tail_sums
-from bld_scale.cache.tail import CONTEXT_RULE, previous_byte_contexts
+from bld_scale.cache.tail import CONTEXT_RULE, window_contexts
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
 from bld_scale.data.batch import PairTokenizer, collate, split_windows
@@ -95,8 +95,7 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
     stored = encode_rows(q, top_k, dtype, tail_mass, kl_per_value)
     tail = {"tail_mass": tail_sums(q, stored)}
     if by_context:
-        contexts = torch.cat([previous_byte_contexts(t.encode("utf-8")) for t in texts])
-        sums = context_tail_sums(q, stored, contexts)
+        sums = context_tail_sums(q, stored, window_contexts(texts))
         if sums is not None:
             tail["tail_mass_by_context"] = sums
     return {**window_index(texts, [r.shape[0] for r in rows]), **stored}, tail

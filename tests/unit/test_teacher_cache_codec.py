@@ -18,7 +18,7 @@ from bld_scale.cache.quantize import load_logprobs, load_sqrt, store_logprobs, s
 from bld_scale.cache.ragged import entry_offsets, ragged_kept
 from bld_scale.cache.reader import TeacherCache
 from bld_scale.cache.rows import bytes_per_row, context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums
-from bld_scale.cache.tail import previous_byte_contexts
+from bld_scale.cache.tail import previous_byte_contexts, window_contexts
 from test_teacher_cache import PER_SHARD, WINDOWS, build, recipe, stream_windows, synthetic_rows
 
 TOOLS = str(Path(__file__).resolve().parents[2] / "tools")  # the bench and the cache tool import from here
@@ -354,7 +354,7 @@ def test_an_adaptive_cache_serves_each_window_as_its_rows_decode(tmp_path):
     rows = synthetic_rows(texts)
     q = torch.cat(rows)
     first = torch.cat(rows[:PER_SHARD])  # the profile by context: the first shard's rows
-    contexts = torch.cat([previous_byte_contexts(t.encode()) for t in texts[:PER_SHARD]])
+    contexts = window_contexts(texts[:PER_SHARD])
     want_prior = tail_prior(tail_sums(q, encode_rows(q, 255, "uint8", 0.01)),
                             context_tail_sums(first, encode_rows(first, 255, "uint8", 0.01), contexts))
     cache = TeacherCache.open(tmp_path / "c", r, WINDOWS - 3)

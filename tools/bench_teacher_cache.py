@@ -5,9 +5,11 @@
 
 1. bytes stored per text byte, for the fixed top-k (k in {2, 4, 8, 16, 32, 257} x {float16, float32})
    and the adaptive codec (KL per value lam and tail mass tau, each in {uint8, float16}, cap 255;
-   with the mean count of byte values kept): the size of a shard (safetensors, index and window
-   digests included) of the held-out windows' rows, over their bytes, as it is and xz-compressed
-   (as the writer stores it by default);
+   and sqrt codes by lam and by their steps; with the mean count of byte values kept): the size
+   of a shard (safetensors, index and window digests included) of the held-out windows' rows, over
+   their bytes, as it is and compressed as the writer stores it by default (sqrt: each stream by
+   its coder, `cache.streams`; the others: xz); and the default codec change by change from the
+   sqrt codes before it (every value coded in 63 steps, the rest a log code, xz over the shard);
 2. the KL lost to truncation and quantisation, KL(q || decoded q), on held-out text, in bits per
    text byte (q: the recipe's conversion of the teacher's forward), with the remaining mass spread
    by the tail profile by context, as a cache decodes (`bld_scale.cache.tail`; estimated on
@@ -15,13 +17,9 @@
    profile for every row (caches made before the contexts) and uniformly;
 3. steps per second of the same training step (`train.step.distill_step`, plain torch, no DeepSpeed)
    with the online teacher (forward + conversion) and from a cache of the default k and dtype;
-4. what entropy coding could still save: the empirical (plug-in) entropy of the default codec's
-   streams under simple contexts a decoder would have (the text's previous byte, the row's previous
-   byte value, an entry's byte value, the row's count), in bytes per text byte: about what coding
-   them with those contexts could reach (plug-in estimates on this little text run low);
-5. for comparison, what a token-level cache of the same teacher would store (tokens kept per
-   position to leave 1 % of the mass out), and the default codec's encoding and xz speed;
-6. with --student-steps N: held-out BPB of students trained N steps from the default cache and
+4. for comparison, what a token-level cache of the same teacher would store (tokens kept per
+   position to leave 1 % of the mass out), and the default codec's encoding and packing speed;
+5. with --student-steps N: held-out BPB of students trained N steps from the default cache and
    online, one per seed in --seeds (the seed sets the student's initialisation; the windows are the
    recipe's stream, the same for every seed, as the cache holds them).
 """
@@ -35,16 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bld_scale.cache.layout import COMPRESSION, codec_label, shard_bytes, window_index  # noqa: E402
+from bld_scale.cache.layout import COMPRESSION, codec_label, default_compression, shard_bytes, window_index  # noqa: E402
+from bld_scale.cache.quantize import store_logprobs, store_sqrt  # noqa: E402
 from bld_scale.cache.reader import TeacherCache  # noqa: E402
-from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_KL_PER_VALUE, DEFAULT_TAIL_MASS, DEFAULT_TOP_K,  # noqa: E402
-                                  context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums)
+from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_KL_PER_VALUE, DEFAULT_SQRT_STEPS, DEFAULT_TAIL_MASS,  # noqa: E402
+                                  DEFAULT_TOP_K, context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums)
 from bld_scale.cache.tail import window_contexts  # noqa: E402
 from bld_scale.cache.writer import build_cache, teacher_rows  # noqa: E402
 from bld_scale.config import load_recipe  # noqa: E402
@@ -58,12 +56,14 @@ from bld_scale.train.step import distill_step  # noqa: E402
 KS, DTYPES = (2, 4, 8, 16, 32, 257), ("float16", "float32")
 TAUS, ADAPTIVE_DTYPES, CAP = (0.1, 0.03, 0.01, 0.005, 0.003, 0.001), ("uint8", "float16"), 255
 LAMS = (0.03, 0.02, 0.015, 0.01, 0.005, 0.003, 0.002, 0.001)  # KL per value, bits
-# (k, dtype, tail mass, KL per value) of every row of the table: the fixed top-k ones, then the
-# adaptive ones by tail mass, then by KL per value (sqrt codes too)
-CODECS = ([(k, dt, 0.0, 0.0) for k in KS for dt in DTYPES]
-          + [(CAP, dt, tau, 0.0) for tau in TAUS for dt in ADAPTIVE_DTYPES]
-          + [(CAP, dt, 0.0, lam) for lam in LAMS for dt in ("sqrt", *ADAPTIVE_DTYPES)])
-DEFAULT = (DEFAULT_TOP_K, DEFAULT_DTYPE, DEFAULT_TAIL_MASS, DEFAULT_KL_PER_VALUE)
+SQRT_STEPS = (31, 40, 63)  # besides the default, at the default KL per value
+# (k, dtype, tail mass, KL per value, sqrt steps) of every row of the table: the fixed top-k ones,
+# then the adaptive ones by tail mass, then by KL per value, then sqrt codes by their steps
+CODECS = ([(k, dt, 0.0, 0.0, DEFAULT_SQRT_STEPS) for k in KS for dt in DTYPES]
+          + [(CAP, dt, tau, 0.0, DEFAULT_SQRT_STEPS) for tau in TAUS for dt in ADAPTIVE_DTYPES]
+          + [(CAP, dt, 0.0, lam, DEFAULT_SQRT_STEPS) for lam in LAMS for dt in ("sqrt", *ADAPTIVE_DTYPES)]
+          + [(CAP, "sqrt", 0.0, DEFAULT_KL_PER_VALUE, s) for s in SQRT_STEPS])
+DEFAULT = (DEFAULT_TOP_K, DEFAULT_DTYPE, DEFAULT_TAIL_MASS, DEFAULT_KL_PER_VALUE, DEFAULT_SQRT_STEPS)
 
 
 def parse(argv):
@@ -94,23 +94,24 @@ def token_row_counts(logits: torch.Tensor, mask: torch.Tensor, tau: float) -> to
 
 
 def codec_speed(q: torch.Tensor, rows, texts) -> str:
-    """Encoding rows/s with the default codec, and xz on its shard, one CPU thread."""
-    import lzma
+    """Encoding rows/s with the default codec, and packing its shard and back, one CPU thread."""
+    from bld_scale.cache.layout import shard_tensors
 
     t0 = time.perf_counter()
     stored = encode_rows(q, *DEFAULT)
     encode = len(q) / (time.perf_counter() - t0)
     tensors = {**window_index(texts, [r.shape[0] for r in rows]), **stored}
+    compression = default_compression(DEFAULT_DTYPE)
     plain = shard_bytes(tensors, None)
     t0 = time.perf_counter()
-    packed = shard_bytes(tensors, COMPRESSION)
+    packed = shard_bytes(tensors, compression)
     compress = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lzma.decompress(packed)
+    shard_tensors(packed, compression)
     decompress = time.perf_counter() - t0
-    return (f"default codec, 1 CPU thread: encoding {encode / 1e3:.0f}k rows/s; xz {len(plain) / compress / 1e6:.1f} MB/s "
-            f"of plain shard ({len(q) / compress / 1e3:.0f}k text bytes/s), decompressing {len(plain) / decompress / 1e6:.0f} "
-            "MB/s")
+    return (f"default codec, 1 CPU thread: encoding {encode / 1e3:.0f}k rows/s; packing ({compression}) "
+            f"{len(plain) / compress / 1e6:.1f} MB/s of plain shard ({len(q) / compress / 1e3:.0f}k text bytes/s), "
+            f"unpacking {len(plain) / decompress / 1e6:.0f} MB/s ({len(q) / decompress / 1e3:.0f}k text bytes/s)")
 
 
 def plot_codecs(points: list[dict], title: str, path: str) -> None:
@@ -123,7 +124,8 @@ def plot_codecs(points: list[dict], title: str, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
     series = {"fixed top-k, float16": "tab:gray", "tail mass, uint8": "tab:orange", "KL per value, uint8": "tab:blue",
-              "KL per value, sqrt": "tab:purple"}
+              f"KL per value, sqrt/{DEFAULT_SQRT_STEPS}": "tab:purple",
+              f"sqrt steps at KL per value {DEFAULT_KL_PER_VALUE:g}": "tab:pink"}
     for name, color in series.items():
         pts = sorted((r["xz"], r["kl"], r["label"]) for r in points if r["series"] == name and r["kl"] > 0)
         ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", color=color, label=name)
@@ -139,7 +141,7 @@ def plot_codecs(points: list[dict], title: str, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlim(4, 120)
     ax.set_ylim(5e-4, 1)
-    ax.set_xlabel("bytes stored per text byte (xz-compressed shard)")
+    ax.set_xlabel("bytes stored per text byte (compressed shard: sqrt streams packed, others xz)")
     ax.set_ylabel("KL lost, bits per text byte (held-out)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
@@ -156,37 +158,33 @@ def kl_bits_per_byte(q: torch.Tensor, stored: dict, prior=None, contexts=None) -
     return float(terms.sum() / (len(q) * math.log(2)))
 
 
-def conditional_entropy_bits(values: np.ndarray, context: np.ndarray | None = None) -> float:
-    """Total plug-in entropy of `values` given `context` (equal-length integer arrays), in bits:
-    sum over contexts of n_c * H(values | c), frequencies counted on these arrays themselves."""
-    values = np.asarray(values, dtype=np.int64)
-    context = np.zeros_like(values) if context is None else np.asarray(context, dtype=np.int64)
-    if values.size == 0:
-        return 0.0
-    pairs, pair_counts = np.unique(np.stack([context, values]), axis=1, return_counts=True)
-    _, ctx_of_pair = np.unique(pairs[0], return_inverse=True)
-    ctx_counts = np.bincount(ctx_of_pair, weights=pair_counts)
-    return float(-(pair_counts * np.log2(pair_counts / ctx_counts[ctx_of_pair])).sum())
+def sqrt_rows_before(q: torch.Tensor, kl_per_value: float) -> dict[str, torch.Tensor]:
+    """The sqrt codes of caches before `cache.sqrt_rows`: every kept value's 6-bit code (63 steps),
+    in increasing byte value, the rest a 1/16-nat log code (the same counts over 256 byte values)."""
+    stored = encode_rows(q, CAP, "float32", 0.0, kl_per_value)
+    return {"counts": stored["counts"], "symbols": stored["symbols"],
+            "sqrt_probs": store_sqrt(stored["logprobs"].double()),
+            "rest": store_logprobs(stored["rest"].double(), "uint8")}
 
 
-def entropy_bytes(stored: dict, previous_bytes: np.ndarray) -> dict[str, float]:
-    """Per text byte, the plug-in entropy of each stream of an adaptive (ragged) shard, its rows'
-    byte values in increasing order, given contexts a decoder holding the text has: `counts` |
-    previous text byte, `symbols` | the row's previous symbol (at a row's start: the previous text
-    byte), `logprobs` (or `sqrt_probs`) | the entry's symbol, `rest` | count."""
-    counts = stored["counts"].numpy().astype(np.int64)
-    rows = len(counts)
-    symbols = stored["symbols"].numpy().astype(np.int64)
-    starts = np.cumsum(counts) - counts
-    before = np.concatenate([[0], symbols[:-1]])
-    before[starts[counts > 0]] = 256 + previous_bytes[counts > 0].astype(np.int64)
-    streams = {
-        "counts": conditional_entropy_bits(counts, previous_bytes),
-        "symbols": conditional_entropy_bits(symbols, before),
-        "logprobs": conditional_entropy_bits(stored.get("sqrt_probs", stored.get("logprobs")).numpy(), symbols),
-        "rest": conditional_entropy_bits(stored["rest"].numpy(), np.minimum(counts, 31)),
-    }
-    return {name: bits / 8 / rows for name, bits in streams.items()}
+def changes_to_the_default(q, q_train, contexts, contexts_train, sized) -> None:
+    """The default codec change by change from the sqrt codes before it, at the default KL per value."""
+    lam = DEFAULT_KL_PER_VALUE
+
+    def kl(stored, stored_train):
+        prior = tail_prior(tail_sums(q_train, stored_train), context_tail_sums(q_train, stored_train, contexts_train))
+        return kl_bits_per_byte(q, stored, prior, contexts)
+
+    before = (sqrt_rows_before(q, lam), sqrt_rows_before(q_train, lam))
+    implied = (encode_rows(q, CAP, "sqrt", 0.0, lam, 63), encode_rows(q_train, CAP, "sqrt", 0.0, lam, 63))
+    default = (encode_rows(q, *DEFAULT), encode_rows(q_train, *DEFAULT))
+    print(f"the default codec change by change (KL per value {lam:g}): bytes per text byte, KL lost")
+    for label, (stored, stored_train), compression in (
+            ("before: every value in 6-bit sqrt codes, rest a log code, xz", before, COMPRESSION),
+            ("+ the most probable implied, rest a sqrt code (63 steps), xz", implied, COMPRESSION),
+            ("+ each stream by its coder (streams)", implied, "streams"),
+            (f"+ {DEFAULT_SQRT_STEPS} steps (the default)", default, "streams")):
+        print(f"  {label:<62} {sized(stored, compression):6.2f} {kl(stored, stored_train):9.5f}", flush=True)
 
 
 class Trainer:
@@ -264,30 +262,38 @@ def main(argv=None) -> None:
     print(f"held-out: {len(texts)} windows, {n_bytes} text bytes; teacher {recipe.teacher.path}, "
           f"conversion {d.conversion}; EOT mass per row {float(q[:, 256].exp().mean()):.2e}; tail profile "
           f"from {args.profile_windows} training windows")
-    print(f"{'row rule':>15} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} {'xz':>6} "
+    print(f"{'row rule':>15} {'k':>4} {'dtype':>8} {'mean k':>7} {'bytes/text byte':>16} {'packed':>6} "
           f"{'KL lost, bits/byte: by context':>31} {'one profile':>12} {'uniform':>9}")
     contexts, contexts_train = window_contexts(texts), window_contexts(windows[:args.profile_windows])
     points = []
-    for k, dtype, tau, lam in CODECS:
-        stored_train = encode_rows(q_train, k, dtype, tau, lam)
+    for k, dtype, tau, lam, sqrt_steps in CODECS:
+        stored_train = encode_rows(q_train, k, dtype, tau, lam, sqrt_steps)
         sums = tail_sums(q_train, stored_train)
         prior = tail_prior(sums, context_tail_sums(q_train, stored_train, contexts_train))
-        stored = encode_rows(q, k, dtype, tau, lam)
+        stored = encode_rows(q, k, dtype, tau, lam, sqrt_steps)
         mean_k = float(stored["counts"].double().mean()) if "counts" in stored else float(k)
-        mark = "  <- default" if (k, dtype, tau, lam) == DEFAULT else ""
+        mark = "  <- default" if (k, dtype, tau, lam, sqrt_steps) == DEFAULT else ""
         rule = f"KL/value {lam:g}" if lam else f"tail mass {tau:g}" if tau else "-"
-        xz, kl = shard_size(rows, texts, stored, COMPRESSION) / n_bytes, kl_bits_per_byte(q, stored, prior, contexts)
-        print(f"{rule:>15} {(f'<={k}' if tau or lam else str(k)):>4} {dtype:>8} {mean_k:>7.1f} "
+        xz = shard_size(rows, texts, stored, default_compression(dtype)) / n_bytes
+        kl = kl_bits_per_byte(q, stored, prior, contexts)
+        label = f"sqrt/{sqrt_steps}" if dtype == "sqrt" else dtype
+        print(f"{rule:>15} {(f'<={k}' if tau or lam else str(k)):>4} {label:>8} {mean_k:>7.1f} "
               f"{shard_size(rows, texts, stored) / n_bytes:>16.2f} {xz:>6.2f} {kl:>31.5f} "
               f"{kl_bits_per_byte(q, stored, tail_prior(sums)):>12.5f} {kl_bits_per_byte(q, stored):>9.5f}{mark}",
               flush=True)
-        series = ("KL per value" if lam else "tail mass" if tau else "fixed top-k") + f", {dtype}"
-        points.append({"series": series, "label": f"{lam:g}" if lam else f"{tau:g}" if tau else f"k={k}",
+        series = ("KL per value" if lam else "tail mass" if tau else "fixed top-k") + f", {label}"
+        if dtype == "sqrt" and sqrt_steps != DEFAULT_SQRT_STEPS:
+            series = f"sqrt steps at KL per value {DEFAULT_KL_PER_VALUE:g}"
+        points.append({"series": series,
+                       "label": f"{sqrt_steps} steps" if series.startswith("sqrt steps") else f"{lam:g}" if lam
+                       else f"{tau:g}" if tau else f"k={k}",
                        "xz": xz, "kl": kl, "default": bool(mark)})
     if args.plot:
         plot_codecs(points, f"teacher cache codecs: {Path(recipe.teacher.path).name}, {n_bytes} held-out text bytes",
                     args.plot)
 
+    changes_to_the_default(q, q_train, contexts, contexts_train,
+                           lambda stored, compression: shard_size(rows, texts, stored, compression) / n_bytes)
     print(codec_speed(q, rows, texts), flush=True)
     pair_t = PairTokenizer(sides.teacher_vocab, sides.teacher_vocab)
     with torch.no_grad():
@@ -302,13 +308,6 @@ def main(argv=None) -> None:
           f"{float(counts.double().mean()):.0f} tokens per position (median {int(counts.median())}), "
           f"{len(counts) / n_bytes:.2f} positions per text byte: {len(counts) * per_position / n_bytes:.1f} B per text "
           f"byte with {id_bytes}-byte ids and 1-byte codes, before compression", flush=True)
-
-    previous = np.concatenate([np.frombuffer(b"\0" + t.encode()[:-1], dtype=np.uint8) for t in texts])
-    if len(previous) == n_bytes:  # one row per text byte (always, for the conversions that exist)
-        parts = entropy_bytes(encode_rows(q, *DEFAULT), previous)
-        print(f"entropy of the default codec's streams, bytes per text byte (plug-in, with contexts a decoder "
-              f"has): {', '.join(f'{k} {v:.2f}' for k, v in parts.items())}; total {sum(parts.values()):.2f}: "
-              f"about what entropy coding with those contexts could reach (a plug-in estimate: optimistic)", flush=True)
 
     pair = PairTokenizer(sides.teacher_vocab, sides.student_vocab)
     with tempfile.TemporaryDirectory() as tmp:

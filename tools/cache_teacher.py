@@ -1,7 +1,7 @@
 """Run a recipe's teacher once over its training windows and store its next-byte targets.
 
     python tools/cache_teacher.py --config RECIPE --out DIR [--kl-per-value LAM | --tail-mass TAU] [--top-k K]
-        [--dtype sqrt|uint8|float16|float32] [--no-compress] [--max-windows N] [--windows-per-shard W]
+        [--dtype sqrt|uint8|float16|float32] [--sqrt-steps S] [--no-compress] [--max-windows N] [--windows-per-shard W]
         [--batch-size B] [key=value ...]
     deepspeed [--num_gpus G] tools/cache_teacher.py ...      (or torchrun: ranks split the shards)
 
@@ -40,11 +40,15 @@ def parse(argv):
                         "(1..255 with a tail mass; 1..256 with --tail-mass 0, exactly K; 257: everything); "
                         "default bld_scale.cache.rows.DEFAULT_TOP_K, or DEFAULT_FIXED_TOP_K with --tail-mass 0")
     parser.add_argument("--dtype", choices=("sqrt", "uint8", "float16", "float32"), default=None,
-                        help="stored values (sqrt: 6-bit codes of sqrt(p), adaptive rows only; uint8: log-probabilities "
-                        "in 1/16-nat steps); default "
+                        help="stored values (sqrt: codes of sqrt(p), each row's most probable implied, adaptive rows "
+                        "only; uint8: log-probabilities in 1/16-nat steps); default "
                         "bld_scale.cache.rows.DEFAULT_DTYPE, or DEFAULT_FIXED_DTYPE with --tail-mass 0 or --top-k 257")
+    parser.add_argument("--sqrt-steps", type=int, default=None, metavar="S", help="with --dtype sqrt: codes in "
+                        "steps of 1/S in sqrt(p) (1..254; more: less KL lost, more bytes); default "
+                        "bld_scale.cache.rows.DEFAULT_SQRT_STEPS")
     parser.add_argument("--no-compress", action="store_true", help="store the shards as plain safetensors "
-                        "(default: xz-compressed, about a third smaller; a resumed cache keeps its own choice)")
+                        "(default: compressed, each stream by its own coder for dtype sqrt, xz otherwise; a resumed "
+                        "cache keeps its own choice)")
     parser.add_argument("--max-windows", type=int, default=None, help="cache the first N windows (default: one epoch)")
     parser.add_argument("--windows-per-shard", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=None, help="windows per teacher forward "
@@ -72,7 +76,7 @@ def codec_settings(args) -> dict:
     TeacherCacheError (one rule at most: --kl-per-value or --tail-mass)."""
     from bld_scale.cache.errors import TeacherCacheError
     from bld_scale.cache.rows import (DEFAULT_DTYPE, DEFAULT_FIXED_DTYPE, DEFAULT_FIXED_TOP_K, DEFAULT_KL_PER_VALUE,
-                                      DEFAULT_TAIL_MASS, DEFAULT_TOP_K, FULL, check_codec)
+                                      DEFAULT_SQRT_STEPS, DEFAULT_TAIL_MASS, DEFAULT_TOP_K, FULL, check_codec)
 
     if args.tail_mass is None and args.kl_per_value is None:
         tail_mass, kl_per_value = DEFAULT_TAIL_MASS, DEFAULT_KL_PER_VALUE
@@ -81,11 +85,16 @@ def codec_settings(args) -> dict:
     top_k = args.top_k or (DEFAULT_TOP_K if tail_mass or kl_per_value else DEFAULT_FIXED_TOP_K)
     adaptive = (tail_mass or kl_per_value) and top_k != FULL
     dtype = args.dtype or (DEFAULT_DTYPE if adaptive else DEFAULT_FIXED_DTYPE)
+    if args.sqrt_steps is not None and dtype != "sqrt":
+        raise TeacherCacheError(f"--sqrt-steps {args.sqrt_steps} sets the steps of sqrt codes, and this cache's dtype "
+                                f"is {dtype}: drop --sqrt-steps, or use --dtype sqrt")
+    sqrt_steps = DEFAULT_SQRT_STEPS if args.sqrt_steps is None else args.sqrt_steps
     try:
-        check_codec(top_k, dtype, tail_mass, kl_per_value)
+        check_codec(top_k, dtype, tail_mass, kl_per_value, sqrt_steps)
     except ValueError as err:
         raise TeacherCacheError(str(err)) from None
-    return {"top_k": top_k, "dtype": dtype, "tail_mass": tail_mass, "kl_per_value": kl_per_value}
+    return {"top_k": top_k, "dtype": dtype, "tail_mass": tail_mass, "kl_per_value": kl_per_value,
+            "sqrt_steps": sqrt_steps}
 
 
 def build(args) -> None:

@@ -12,7 +12,9 @@
                              rows are decoded with (`cache.tail`)
     shard-000000.safetensors windows [s*W, (s+1)*W) of the stream (W = windows_per_shard), xz-compressed
                              as shard-000000.safetensors.xz when the header says "compression": "xz"
-                             (the default: a third of the bytes, `tools/bench_teacher_cache.py`):
+                             (the default but for dtype sqrt: a third of the bytes,
+                             `tools/bench_teacher_cache.py`), or with each stream compressed apart
+                             when it says "streams" (dtype sqrt's default, `cache.streams`):
                              `row_offsets` int64 [w+1] (the index: window i's rows are
                              row_offsets[i]:row_offsets[i+1], one row per text byte),
                              `window_sha256` uint8 [w, 8] (the start of each window text's SHA-256)
@@ -41,13 +43,21 @@ ADAPTIVE_KEYS = ("max_tail_mass", "kl_per_value")  # the adaptive codec's rule, 
 WINDOW_KEYS = ("window_bytes", "format", "text_field", "normalize", "invalid_utf8", "streaming")
 
 
-COMPRESSION = "xz"  # the one compression a cache may have: Python's lzma, standard library
+COMPRESSION = "xz"  # whole shards through Python's lzma (standard library)
+STREAMS = "streams"  # dtype sqrt: each stream by its own coder (`cache.streams`)
+COMPRESSIONS = (COMPRESSION, STREAMS)
 XZ_PRESET = 6
 
 
+def default_compression(dtype: str) -> str:
+    """The compression a new cache of `dtype` gets unless told none."""
+    return STREAMS if dtype == "sqrt" else COMPRESSION
+
+
 def shard_name(index: int, compression: str | None = None) -> str:
-    """Shard `index`'s file name in a cache of `compression` (its header's "compression", or None)."""
-    return f"shard-{index:06d}.safetensors" + (f".{compression}" if compression else "")
+    """Shard `index`'s file name in a cache of `compression` (its header's "compression", or None):
+    a "streams" shard is a safetensors file too."""
+    return f"shard-{index:06d}.safetensors" + (".xz" if compression == COMPRESSION else "")
 
 
 def sidecar_name(index: int) -> str:
@@ -63,14 +73,18 @@ def _identify(path: str) -> dict:
 
 
 def cache_header(recipe, *, top_k: int, dtype: str, windows: int, windows_per_shard: int,
-                 tail_mass: float = 0.0, kl_per_value: float = 0.0, compression: str | None = None) -> dict:
+                 tail_mass: float = 0.0, kl_per_value: float = 0.0, compression: str | None = None,
+                 sqrt_steps: int | None = None) -> dict:
     """What a cache is made of and from: compared field by field before it is used or resumed.
     The adaptive codec's rule (`kl_per_value` or `max_tail_mass`) is written only when it is used,
-    so the header of a cache made before that rule existed is unchanged (and such a cache resumes)."""
+    so the header of a cache made before that rule existed is unchanged (and such a cache resumes);
+    likewise `sqrt_steps`, for dtype sqrt only."""
     d, t = recipe.data, recipe.teacher
     optional = {"max_tail_mass": tail_mass} if tail_mass else {}
     if kl_per_value:
         optional["kl_per_value"] = kl_per_value
+    if dtype == "sqrt" and sqrt_steps is not None:
+        optional["sqrt_steps"] = sqrt_steps
     if compression:  # likewise written only when used
         optional["compression"] = compression
     return {"teacher_cache": FORMAT_VERSION,
@@ -90,11 +104,16 @@ def window_index(texts, rows_per_window) -> dict:
 
 
 def shard_bytes(tensors: dict, compression: str | None) -> bytes:
-    """A shard's file content: its tensors as safetensors, xz-compressed when `compression`."""
+    """A shard's file content: its tensors as safetensors, xz-compressed, or their streams packed
+    (`compression` "xz", "streams"; None: as they are)."""
     import lzma
 
     from safetensors.torch import save
 
+    if compression == STREAMS:
+        from bld_scale.cache.streams import pack_streams
+
+        return save(pack_streams(tensors))
     data = save(tensors)
     return lzma.compress(data, preset=XZ_PRESET) if compression else data
 
@@ -105,6 +124,10 @@ def shard_tensors(data: bytes, compression: str | None) -> dict:
 
     from safetensors.torch import load
 
+    if compression == STREAMS:
+        from bld_scale.cache.streams import unpack_streams
+
+        return unpack_streams(load(data))
     return load(lzma.decompress(data) if compression else data)
 
 
@@ -118,7 +141,8 @@ def codec_label(header: dict) -> str:
         kept = f"tail mass <= {tau:g}, k <= {header['top_k']}"
     else:
         kept = f"k={header['top_k']}"
-    return f"{kept}, {header['dtype']}"
+    steps = f" ({header['sqrt_steps']} steps)" if header.get("sqrt_steps") else ""
+    return f"{kept}, {header['dtype']}{steps}"
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -6,13 +6,14 @@ of the teacher's, and a value below -15.875 is raised to it; code 255 stands for
 of zero mass stays exactly zero. A whole row in uint8 is no longer normalised: the decoder
 renormalises (`cache.rows`), which adds at most 1/32 nat to any outcome's error.
 
-sqrt codes (dtype "sqrt", the adaptive layout's stored values only; its `rest` stays a uint8 log
-code) quantise the square root of the probability: code c in 1..63 stands for p = (c / 63)^2. The
-KL a small error costs an outcome grows as (error in log p)^2 * p, so uniform steps in sqrt(p)
-spend the same KL on every outcome, where uniform steps in log p spend most on the rare ones that
-cost little: on SmolLM2's rows 6-bit sqrt codes lose 5e-4 bits per text byte more than the 1/16-nat
-codes and take 2.5 of their 7.1 compressed bytes per text byte off (`tools/bench_teacher_cache.py`).
-A stored value is never zero: code 1 (p = 2.5e-4) is the least.
+sqrt codes (dtype "sqrt", the adaptive layout only) quantise the square root of the probability:
+with S steps (a cache's `sqrt_steps`; 63 in caches made before it was a setting), code c in 1..S
+stands for p = (c / S)^2. The KL a small error costs an outcome grows as (error in log p)^2 * p, so
+uniform steps in sqrt(p) spend the same KL on every outcome, where uniform steps in log p spend
+most on the rare ones that cost little: on SmolLM2's rows 6-bit sqrt codes lost 5e-4 bits per text
+byte more than the 1/16-nat codes and took 2.5 of their 7.1 compressed bytes per text byte off
+(`tools/bench_teacher_cache.py`). A stored value is never zero: code 1 is the least. A row's
+remaining mass is coded the same way (`store_sqrt_mass`), with code 0 for less than half a step.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8, "sqrt": torch.uint8}
 STEPS_PER_NAT = 16
-SQRT_STEPS = 63  # sqrt codes: 6 bits of sqrt(p)
+SQRT_STEPS = 63  # sqrt codes of caches made before the steps were a setting: 6 bits of sqrt(p)
 ZERO_MASS = 255  # the uint8 code of log 0
 LEAST_CODE = ZERO_MASS - 1  # the uint8 code of the least non-zero log-probability stored
 
@@ -51,12 +52,30 @@ def load_logprobs(stored: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(stored == ZERO_MASS, -math.inf)
 
 
-def store_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of stored outcomes (> -inf) -> uint8 sqrt codes (module docstring)."""
-    codes = torch.round(x.to(torch.float64).mul(0.5).exp() * SQRT_STEPS).clamp(1, SQRT_STEPS)
+def check_sqrt_steps(steps: int) -> None:
+    if not 1 <= steps <= LEAST_CODE:
+        raise ValueError(f"sqrt steps {steps} is out of range: use 1..{LEAST_CODE} (codes of sqrt(p) in steps of "
+                         "1/steps; 47 is the default)")
+
+
+def store_sqrt(x: torch.Tensor, steps: int = SQRT_STEPS) -> torch.Tensor:
+    """Log-probabilities of stored outcomes (> -inf) -> uint8 sqrt codes 1..steps (module docstring)."""
+    codes = torch.round(x.to(torch.float64).mul(0.5).exp() * steps).clamp(1, steps)
     return codes.to(torch.uint8).contiguous()
 
 
-def load_sqrt(codes: torch.Tensor) -> torch.Tensor:
+def load_sqrt(codes: torch.Tensor, steps: int = SQRT_STEPS) -> torch.Tensor:
     """`store_sqrt`'s output -> float64 log-probabilities."""
-    return (codes.to(torch.float64) / SQRT_STEPS).log().mul(2.0)
+    return (codes.to(torch.float64) / steps).log().mul(2.0)
+
+
+def store_sqrt_mass(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The log of a mass (-inf allowed) -> a uint8 sqrt code 0..steps; 0: below half a step."""
+    codes = torch.round(x.to(torch.float64).mul(0.5).exp() * steps).clamp(0, steps)
+    return codes.to(torch.uint8).contiguous()
+
+
+def load_sqrt_mass(codes: torch.Tensor, steps: int) -> torch.Tensor:
+    """`store_sqrt_mass`'s output -> float64 logs; code 0 stands for a quarter step (sqrt p = 1/(4 steps),
+    the middle of what it covers): never zero, so the outcomes it spreads over keep some mass."""
+    return (codes.to(torch.float64).clamp(min=0.25) / steps).log().mul(2.0)

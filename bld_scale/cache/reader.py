@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import (COMPRESSION, codec_label, read_manifest, shard_name, shard_problem, shard_tensors,
+from bld_scale.cache.layout import (COMPRESSIONS, codec_label, read_manifest, shard_name, shard_problem, shard_tensors,
                                     source_problems, window_digest)
 from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import OUTCOMES, decode_rows, tail_prior
@@ -61,10 +61,11 @@ class TeacherCache:
             raise TeacherCacheError(f"distill.teacher_cache holds byte targets, which only distill.method=bld "
                                     f"reads; this recipe has method {recipe.distill.method!r}: set "
                                     "distill.method=bld or remove distill.teacher_cache")
-        if manifest.get("compression") not in (None, COMPRESSION):
+        if manifest.get("compression") not in (None, *COMPRESSIONS):
             raise TeacherCacheError(f"distill.teacher_cache={folder}: its shards are compressed with "
                                     f"{manifest['compression']!r}, which this bld_scale does not read (only "
-                                    f"{COMPRESSION!r}): use the bld_scale version that made it, or build it again")
+                                    f"{' or '.join(map(repr, COMPRESSIONS))}): use the bld_scale version that made "
+                                    "it, or build it again")
         if manifest.get("tail_context", CONTEXT_RULE) != CONTEXT_RULE:
             raise TeacherCacheError(f"distill.teacher_cache={folder}: its tail profile is by "
                                     f"{manifest['tail_context']!r}, which this bld_scale does not know (only "

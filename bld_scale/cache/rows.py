@@ -16,7 +16,7 @@ EOT (column 256) is never among the stored byte values: its mass stays in `rest`
 q_n(EOT) is non-zero only at a teacher token boundary, as the teacher's EOS mass there, which in
 running text is tiny (the bench reports what it loses), and keeping it out lets a byte value fit in
 one byte. Log-probabilities are stored in float16, float32 or uint8 codes of 1/16 nat, or, for the
-adaptive layout, as 6-bit codes of sqrt(p) (`cache.quantize`). Decoding (`decode_rows`) makes a
+adaptive layout, as codes of sqrt(p) with each row's most probable value implied (`cache.sqrt_rows`). Decoding (`decode_rows`) makes a
 proper distribution over the 257 outcomes: the stored log-probabilities in place and the remaining
 mass spread over the outcomes not stored by the cache's tail profile (`cache.tail`), per context
 of the text where the cache has one.
@@ -28,7 +28,9 @@ import math
 import torch
 
 from bld_scale.cache.quantize import DTYPES, check_dtype, load_logprobs, store_logprobs
-from bld_scale.cache.ragged import MAX_CAP, check_adaptive, encode_ragged, ragged_kept
+from bld_scale.cache.quantize import check_sqrt_steps
+from bld_scale.cache.ragged import MAX_CAP, check_adaptive, encode_ragged, ragged_kept, ragged_rest
+from bld_scale.cache.sqrt_rows import DEFAULT_SQRT_STEPS
 from bld_scale.cache.tail import BYTE_VALUES, OUTCOMES, PRIOR_FLOOR, spread_rest, tail_prior  # noqa: F401 (re-exported)
 from bld_scale.cache.tail import context_tail_sums as _context_tail_sums
 from bld_scale.cache.tail import tail_sums as _tail_sums
@@ -42,11 +44,13 @@ def check_top_k(k: int) -> None:
                          f"and the remaining mass) or {FULL} (every outcome, lossless in float32)")
 
 
-def check_codec(k: int, dtype: str, tail_mass: float = 0.0, kl_per_value: float = 0.0) -> tuple[float, float]:
+def check_codec(k: int, dtype: str, tail_mass: float = 0.0, kl_per_value: float = 0.0,
+                sqrt_steps: int = DEFAULT_SQRT_STEPS) -> tuple[float, float]:
     """Refuse settings no codec has; returns the (tail mass, KL per value) the cache uses (both 0 for
     k = 257, whole rows, and for a fixed top-k)."""
     check_top_k(k)
     check_dtype(dtype)
+    check_sqrt_steps(sqrt_steps)
     if dtype == "sqrt" and not (k < FULL and (tail_mass or kl_per_value)):
         raise ValueError("dtype sqrt codes the adaptive rows' stored values (a KL per value or a tail mass, "
                          "k <= 255): for a fixed top-k or whole rows use uint8, float16 or float32")
@@ -60,20 +64,21 @@ def check_codec(k: int, dtype: str, tail_mass: float = 0.0, kl_per_value: float 
     return float(tail_mass), float(kl_per_value)
 
 
-def encode_rows(q: torch.Tensor, k: int, dtype: str, tail_mass: float = 0.0,
-                kl_per_value: float = 0.0) -> dict[str, torch.Tensor]:
+def encode_rows(q: torch.Tensor, k: int, dtype: str, tail_mass: float = 0.0, kl_per_value: float = 0.0,
+                sqrt_steps: int = DEFAULT_SQRT_STEPS) -> dict[str, torch.Tensor]:
     """`q [R, 257]` log-probabilities (float32/64, -inf allowed) -> the tensors a shard stores.
 
     k = 257: {"logprobs": [R, 257]}; tail_mass or kl_per_value > 0: the adaptive layout
     (`cache.ragged`, k the cap); otherwise {"symbols": uint8 [R, k], "logprobs": [R, k], "rest": [R]}
-    with `rest` the log of the mass outside the stored symbols (EOT included).
+    with `rest` the log of the mass outside the stored symbols (EOT included); dtype "sqrt" in codes of
+    `sqrt_steps` steps (`cache.sqrt_rows`).
     """
-    tail_mass, kl_per_value = check_codec(k, dtype, tail_mass, kl_per_value)
+    tail_mass, kl_per_value = check_codec(k, dtype, tail_mass, kl_per_value, sqrt_steps)
     q = q.to(torch.float64)
     if k == FULL:
         return {"logprobs": store_logprobs(q, dtype)}
     if tail_mass or kl_per_value:
-        return encode_ragged(q, tail_mass, k, dtype, kl_per_value)
+        return encode_ragged(q, tail_mass, k, dtype, kl_per_value, sqrt_steps)
     values, symbols = torch.topk(q[:, :BYTE_VALUES], k, dim=1)
     others = q.clone()
     others.scatter_(1, symbols, -math.inf)
@@ -119,7 +124,8 @@ def decode_rows(stored: dict[str, torch.Tensor], prior: torch.Tensor | None = No
     if "symbols" not in stored:
         return stored["logprobs"].float()
     kept, values = kept_outcomes(stored)
-    return spread_rest(kept, values, load_logprobs(stored["rest"]), prior, contexts)
+    rest = ragged_rest(stored) if "counts" in stored else load_logprobs(stored["rest"])
+    return spread_rest(kept, values, rest, prior, contexts)
 
 
 def bytes_per_row(k: int, dtype: str, mean_count: float | None = None) -> float:
@@ -137,5 +143,5 @@ DEFAULT_KL_PER_VALUE = 0.01  # adaptive: each stored byte value saves at least t
 DEFAULT_TAIL_MASS = 0.0  # the default rule is the KL one (--tail-mass 0.005 was the default before it)
 DEFAULT_TOP_K = MAX_CAP  # adaptive: no cap in practice
 DEFAULT_FIXED_TOP_K = 32  # with tail mass 0 (a fixed top-k), when --top-k is not given
-DEFAULT_DTYPE = "sqrt"  # adaptive rows: 6-bit sqrt(p) codes (uint8 1/16-nat log codes before)
+DEFAULT_DTYPE = "sqrt"  # adaptive rows: sqrt(p) codes, the most probable implied (uint8 1/16-nat log codes before)
 DEFAULT_FIXED_DTYPE = "float16"  # with tail mass 0 or k = 257, when --dtype is not given (as before)

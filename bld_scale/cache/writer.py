@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import (ADAPTIVE_KEYS, COMPRESSION, MANIFEST, cache_header, codec_label, read_manifest,
-                                    shard_bytes, shard_name, shard_problem, sidecar_name, window_index)
-from bld_scale.cache.rows import check_codec, context_tail_sums, encode_rows, tail_sums
+from bld_scale.cache.layout import (ADAPTIVE_KEYS, MANIFEST, cache_header, codec_label, default_compression,
+                                    read_manifest, shard_bytes, shard_name, shard_problem, sidecar_name, window_index)
+from bld_scale.cache.rows import DEFAULT_SQRT_STEPS, check_codec, context_tail_sums, encode_rows, tail_sums
 from bld_scale.cache.tail import CONTEXT_RULE, window_contexts
 from bld_scale.checkpoint.files import fsync_dir, write_atomic
 from bld_scale.checkpoint.manifest import hash_file
@@ -81,7 +81,7 @@ def _write_shard(folder: Path, index: int, tensors: dict, tail: dict, windows: t
 
 
 def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str, tail_mass: float,
-                  kl_per_value: float, batch_size: int, by_context: bool) -> tuple[dict, dict]:
+                  kl_per_value: float, sqrt_steps: int, batch_size: int, by_context: bool) -> tuple[dict, dict]:
     rows = []
     for i in range(0, len(texts), batch_size):
         part = texts[i:i + batch_size]
@@ -92,7 +92,7 @@ def _encode_shard(texts: Sequence[str], rows_of: RowsOf, top_k: int, dtype: str,
                                    f"{len(text.encode('utf-8'))} bytes (one row of 257 per text byte expected)")
         rows.extend(got)
     q = torch.cat(rows)
-    stored = encode_rows(q, top_k, dtype, tail_mass, kl_per_value)
+    stored = encode_rows(q, top_k, dtype, tail_mass, kl_per_value, sqrt_steps)
     tail = {"tail_mass": tail_sums(q, stored)}
     if by_context:
         sums = context_tail_sums(q, stored, window_contexts(texts))
@@ -113,15 +113,17 @@ def _summed_tails(records: list[dict]) -> dict:
 
 def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_windows: int | None = None,
                 windows_per_shard: int = 256, batch_size: int = 8, rank: int = 0, world: int = 1,
-                tail_mass: float = 0.0, kl_per_value: float = 0.0, compress: bool = True,
-                barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> dict:
+                tail_mass: float = 0.0, kl_per_value: float = 0.0, sqrt_steps: int = DEFAULT_SQRT_STEPS,
+                compress: bool = True, barrier: Callable[[], None] = lambda: None,
+                log: Callable[[str], None] = print) -> dict:
     """Write (or finish) the cache of `recipe`'s first `max_windows` windows (default: one epoch)
     into `out`; returns its manifest. Every rank calls it; `barrier` waits for all of them.
     `kl_per_value` or `tail_mass` > 0 selects the adaptive codec and its rule, `top_k` its cap
-    (`cache.rows`); `compress` xz-compresses the shards. A cache being resumed keeps the compression
-    it was started with, whatever `compress` says: it is how the bytes are kept, not what they are."""
+    (`cache.rows`), `sqrt_steps` the codes' steps for dtype sqrt; `compress` compresses the shards
+    (`layout.default_compression`). A cache being resumed keeps the compression it was started
+    with, whatever `compress` says: it is how the bytes are kept, not what they are."""
     try:
-        tail_mass, kl_per_value = check_codec(top_k, dtype, tail_mass, kl_per_value)
+        tail_mass, kl_per_value = check_codec(top_k, dtype, tail_mass, kl_per_value, sqrt_steps)
     except ValueError as err:
         raise TeacherCacheError(str(err)) from None
     if windows_per_shard < 1 or batch_size < 1:
@@ -132,9 +134,11 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
     if total < 1:
         raise TeacherCacheError(f"--max-windows {total}: cache at least one window")
     found = read_manifest(folder)  # every rank decides alike from the same files
-    compression = (found.get("compression") if found is not None else COMPRESSION if compress else None)
+    compression = (found.get("compression") if found is not None
+                   else default_compression(dtype) if compress else None)
     wanted = cache_header(recipe, top_k=top_k, dtype=dtype, windows=total, windows_per_shard=windows_per_shard,
-                          tail_mass=tail_mass, kl_per_value=kl_per_value, compression=compression)
+                          tail_mass=tail_mass, kl_per_value=kl_per_value, compression=compression,
+                          sqrt_steps=sqrt_steps)
     if found is not None:
         problems = _header_problems(found, wanted)
         if problems:
@@ -164,8 +168,8 @@ def build_cache(recipe, out, rows_of: RowsOf, *, top_k: int, dtype: str, max_win
             continue
         if entry is not None:
             log(f"redoing {problem}")
-        tensors, tail = _encode_shard(texts, rows_of, top_k, dtype, tail_mass, kl_per_value, batch_size,
-                                      by_context=s == PROFILE_SHARD)
+        tensors, tail = _encode_shard(texts, rows_of, top_k, dtype, tail_mass, kl_per_value, sqrt_steps,
+                                      batch_size, by_context=s == PROFILE_SHARD)
         _write_shard(folder, s, tensors, tail, (first, last), compression)
         made += 1
         log(f"rank {rank}: shard {s + 1}/{n_shards} (windows {first}..{last - 1}) written")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from bld_scale.cache.errors import TeacherCacheError
-from bld_scale.cache.layout import MANIFEST, shard_name, shard_tensors, sidecar_name
+from bld_scale.cache.layout import MANIFEST, shard_name, sidecar_name
 from bld_scale.cache.quantize import load_logprobs, load_sqrt, store_logprobs, store_sqrt
-from bld_scale.cache.ragged import entry_offsets, ragged_kept
+from bld_scale.cache.ragged import entry_offsets
 from bld_scale.cache.reader import TeacherCache
 from bld_scale.cache.rows import bytes_per_row, context_tail_sums, decode_rows, encode_rows, tail_prior, tail_sums
 from bld_scale.cache.tail import previous_byte_contexts, window_contexts
@@ -267,22 +267,6 @@ def test_sqrt_codes_are_within_half_a_step_of_the_square_root():
         store_logprobs(p.log(), "sqrt")
 
 
-def test_sqrt_rows_keep_the_float32_rows_outcomes_within_half_a_step():
-    q = mixed_rows(seed=4)
-    exact, coded = encode_rows(q, 255, "float32", kl_per_value=0.003), encode_rows(q, 255, "sqrt", kl_per_value=0.003)
-    assert "logprobs" not in coded and coded["sqrt_probs"].dtype == coded["rest"].dtype == torch.uint8
-    assert torch.equal(coded["rest"], store_logprobs(load_logprobs(exact["rest"]), "uint8"))  # rest: 1/16-nat codes
-    (kept_e, values_e), (kept_c, values_c) = ragged_kept(exact), ragged_kept(coded)
-    assert torch.equal(kept_e, kept_c)
-    p, back = values_e[kept_e].exp(), values_c[kept_c].exp()
-    big = p >= (0.5 / 63) ** 2
-    assert (back.sqrt() - p.sqrt())[big].abs().max() <= 0.5 / 63 + 1e-9
-    assert torch.allclose(back[~big], torch.full_like(back[~big], (1 / 63) ** 2))
-    decoded = decode_rows(coded).double()
-    defined = torch.isfinite(decoded).any(1)
-    assert torch.allclose(decoded[defined].exp().sum(1), torch.ones(int(defined.sum()), dtype=torch.float64), atol=1e-6)
-
-
 def test_sqrt_codes_are_refused_outside_the_adaptive_layout(tmp_path):
     q = mixed_rows(seed=5)
     for k, tau in ((16, 0.0), (257, 0.0), (257, 0.01)):
@@ -291,15 +275,6 @@ def test_sqrt_codes_are_refused_outside_the_adaptive_layout(tmp_path):
     with pytest.raises(TeacherCacheError, match="sqrt codes the adaptive rows"):
         build(tmp_path / "c", top_k=32, dtype="sqrt")
     assert not (tmp_path / "c").exists()
-
-
-def test_a_sqrt_cache_serves_each_window_as_its_rows_decode(tmp_path):
-    folder = tmp_path / "c"
-    manifest = build(folder, top_k=255, dtype="sqrt", kl_per_value=0.003, max_windows=WINDOWS - 3, compress=True)
-    assert manifest["dtype"] == "sqrt"
-    shard = shard_tensors((folder / shard_name(0, "xz")).read_bytes(), "xz")
-    assert set(shard) == {"row_offsets", "window_sha256", "counts", "symbols", "sqrt_probs", "rest"}
-    assert assert_windows_decode(folder, 255, "sqrt", kl_per_value=0.003).codec == "KL per value 0.003 bits, k <= 255, sqrt"
 
 
 def test_adaptive_rows_store_each_rows_byte_values_in_increasing_order():
@@ -419,25 +394,6 @@ def test_bad_codec_settings_are_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_the_bench_entropy_bound_matches_closed_forms(monkeypatch):
-    monkeypatch.syspath_prepend(TOOLS)
-    from bench_teacher_cache import conditional_entropy_bits, entropy_bytes
-
-    rng = np.random.default_rng(0)
-    assert conditional_entropy_bits(np.tile(np.arange(8), 5)) == pytest.approx(40 * 3)  # uniform over 8: 3 bits
-    ctx = rng.integers(0, 50, 400)
-    assert conditional_entropy_bits(ctx * 7 + 1, ctx) == 0.0  # the context decides the value
-    # within each context, two values at 1:3: h(1/4) bits each
-    values = np.tile([0, 1, 1, 1], 30)
-    h = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
-    assert conditional_entropy_bits(values, np.repeat([0, 1, 2], 40)) == pytest.approx(120 * h)
-    # a ragged shard whose every stream is constant has zero entropy
-    stored = {"counts": torch.full((10,), 2, dtype=torch.uint8), "symbols": torch.tensor([5, 9] * 10, dtype=torch.uint8),
-              "logprobs": torch.tensor([1, 30] * 10, dtype=torch.uint8), "rest": torch.full((10,), 90, dtype=torch.uint8)}
-    assert entropy_bytes(stored, np.zeros(10, dtype=np.int64)) == {"counts": 0.0, "symbols": 0.0, "logprobs": 0.0,
-                                                                    "rest": 0.0}
-
-
 def test_the_bench_counts_token_rows_by_their_tail_mass(monkeypatch):
     monkeypatch.syspath_prepend(TOOLS)
     from bench_teacher_cache import token_row_counts
@@ -454,6 +410,8 @@ def test_the_bench_counts_token_rows_by_their_tail_mass(monkeypatch):
     (["--kl-per-value", "1.5"], "KL per value 1.5 is out of range"),
     (["--top-k", "257", "--dtype", "uint8"], "257.*float32"),
     (["--tail-mass", "0", "--dtype", "sqrt"], "sqrt codes the adaptive rows"),
+    (["--dtype", "uint8", "--sqrt-steps", "31"], "--sqrt-steps 31 sets the steps of sqrt codes.*uint8"),
+    (["--sqrt-steps", "0"], "sqrt steps 0 is out of range"),
 ])
 def test_the_cache_tool_refuses_codec_settings_before_loading_anything(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.syspath_prepend(TOOLS)

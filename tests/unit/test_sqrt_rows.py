@@ -16,7 +16,7 @@ from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import DEFAULT_SQRT_STEPS, decode_rows, encode_rows
 from bld_scale.cache.streams import INDEX, PACKED, pack_streams, unpack_streams
 from test_teacher_cache import WINDOWS, build
-from test_teacher_cache_codec import assert_windows_decode, mixed_rows
+from test_teacher_cache_codec import TOOLS, assert_windows_decode, mixed_rows
 
 DELIMITER = 0xFF
 
@@ -171,3 +171,17 @@ def test_sqrt_caches_made_before_decode_as_they_did():
     offsets = entry_offsets(old["counts"])
     for a, b in ((0, 37), (37, 38), (38, len(q))):
         assert torch.equal(decode_rows(ragged_slice(old, offsets, a, b)), decode_rows(old)[a:b])
+
+
+@pytest.mark.parametrize("flags, want", [
+    ([], {"dtype": "sqrt", "sqrt_steps": DEFAULT_SQRT_STEPS, "top_k": 255, "kl_per_value": 0.01, "tail_mass": 0.0}),
+    (["--sqrt-steps", "63"], {"dtype": "sqrt", "sqrt_steps": 63}),
+    (["--dtype", "uint8"], {"dtype": "uint8"}),
+    (["--tail-mass", "0"], {"dtype": "float16", "top_k": 32}),
+])
+def test_the_cache_tool_defaults_to_sqrt_rows_of_the_default_steps(monkeypatch, flags, want):
+    monkeypatch.syspath_prepend(TOOLS)
+    import cache_teacher
+
+    settings = cache_teacher.codec_settings(cache_teacher.parse(["--config", "r.yaml", "--out", "o", *flags]))
+    assert {k: settings[k] for k in want} == want

@@ -11,7 +11,7 @@ import torch
 
 from bld_scale.cache.errors import TeacherCacheError
 from bld_scale.cache.layout import shard_name, shard_tensors
-from bld_scale.cache.quantize import load_sqrt_mass, store_logprobs, store_sqrt, store_sqrt_mass
+from bld_scale.cache.quantize import load_logprobs, load_sqrt_mass, store_logprobs, store_sqrt, store_sqrt_mass
 from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import DEFAULT_SQRT_STEPS, decode_rows, encode_rows
 from bld_scale.cache.streams import INDEX, PACKED, pack_streams, unpack_streams
@@ -186,3 +186,45 @@ def test_the_cache_tool_defaults_to_sqrt_rows_of_the_default_steps(monkeypatch, 
 
     settings = cache_teacher.codec_settings(cache_teacher.parse(["--config", "r.yaml", "--out", "o", *flags]))
     assert {k: settings[k] for k in want} == want
+
+
+def _as_sqrt_rows_before(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A uint8 adaptive shard's tensors as the sqrt layout before `cache.sqrt_rows` held them."""
+    out = {k: v for k, v in stored.items() if k != "logprobs"}
+    out["sqrt_probs"] = store_sqrt(load_logprobs(stored["logprobs"]))
+    return out
+
+
+def test_a_sqrt_cache_made_before_is_served_as_it_decodes_and_not_resumed(tmp_path):
+    """A cache of the earlier sqrt layout (every value in 63-step codes, the rest a log code, xz over
+    whole shards, no sqrt_steps in its header), made here by rewriting a uint8 cache's shards."""
+    import json
+
+    from bld_scale.cache.layout import MANIFEST, shard_bytes, sidecar_name
+    from bld_scale.cache.reader import TeacherCache
+    from bld_scale.cache.tail import previous_byte_contexts
+    from bld_scale.checkpoint.manifest import hash_file
+    from test_teacher_cache import recipe, stream_windows, synthetic_rows
+
+    folder = tmp_path / "old"
+    n = WINDOWS - 3
+    build(folder, top_k=255, dtype="uint8", kl_per_value=0.003, max_windows=n, compress=True)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for name, entry in manifest["shards"].items():
+        path = folder / name
+        path.write_bytes(shard_bytes(_as_sqrt_rows_before(shard_tensors(path.read_bytes(), "xz")), "xz"))
+        entry.update(hash_file(path))
+        sidecar = folder / sidecar_name(int(name.split("-")[1].split(".")[0]))
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **hash_file(path)}))
+    manifest["dtype"] = "sqrt"
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    r = recipe()
+    cache = TeacherCache.open(folder, r, n)
+    assert cache.codec == "KL per value 0.003 bits, k <= 255, sqrt"
+    texts = stream_windows(r, n)
+    for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
+        want = decode_rows(_as_sqrt_rows_before(encode_rows(row, 255, "uint8", kl_per_value=0.003)), cache.prior,
+                           previous_byte_contexts(text.encode()))
+        assert torch.equal(cache.window_rows(i, text), want)
+    with pytest.raises(TeacherCacheError, match="sqrt_steps: None there, 47 asked"):
+        build(folder, top_k=255, dtype="sqrt", kl_per_value=0.003, max_windows=n)

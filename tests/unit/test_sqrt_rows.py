@@ -16,7 +16,7 @@ from bld_scale.cache.ragged import entry_offsets, ragged_slice
 from bld_scale.cache.rows import DEFAULT_SQRT_STEPS, decode_rows, encode_rows
 from bld_scale.cache.streams import INDEX, PACKED, pack_streams, unpack_streams
 from test_teacher_cache import WINDOWS, build
-from test_teacher_cache_codec import TOOLS, assert_windows_decode, mixed_rows
+from test_teacher_cache_codec import TOOLS, assert_windows_decode, brute_force_kl_count, mixed_rows
 
 DELIMITER = 0xFF
 
@@ -26,21 +26,6 @@ def defined_rows(n=200, seed=0):
     q = q[torch.isfinite(q).any(1)]
     q[::9] = torch.log_softmax(q[::9] + torch.nn.functional.one_hot(torch.tensor(255), 257) * 30, dim=1)  # 0xFF heavy
     return q
-
-
-def brute_force_count(p: np.ndarray, lam: float, cap: int) -> int:
-    """The count n minimising KL(q || n most probable of byte values 0..254 kept, the rest spread
-    evenly) + lam n: every n's row decoded in full (one row of a matrix each), its KL taken directly."""
-    order = np.argsort(-p[:255], kind="stable")
-    counts = np.arange(1, min(cap, max(1, int((p[:255] > 0).sum()))) + 1)
-    kept = np.zeros((len(counts), 257), dtype=bool)
-    for i, n in enumerate(counts):
-        kept[i, order[:n]] = True
-    rest = np.where(kept, 0.0, p).sum(1, keepdims=True)
-    approx = np.where(kept, p, rest / (~kept).sum(1, keepdims=True))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kl = np.where(p > 0, p * np.log2(p / approx), 0.0).sum(1)
-    return int(counts[np.argmin(kl + lam * counts)])
 
 
 def reference_row(p: np.ndarray, n: int, steps: int, prior: np.ndarray):
@@ -73,7 +58,7 @@ def test_sqrt_rows_match_a_row_by_row_loop(lam, steps, cap):
     p_all = q.exp().numpy()
     for r, p in enumerate(p_all):
         n = int(stored["counts"][r])
-        assert n == brute_force_count(p, lam, cap), r
+        assert n == brute_force_kl_count(p, lam, cap, candidates=255)[0], r  # 0xFF never stored
         symbols, codes, want = reference_row(p, n, steps, profile.numpy())
         a, b = offsets[r], offsets[r + 1]
         assert stored["symbols"][a:b].tolist() == symbols

@@ -99,12 +99,12 @@ def test_each_row_leaves_at_most_tau_out_with_the_fewest_values():
     assert eot.sum() >= 5 and (counts[eot] < 255).all()  # EOT mass does not make a row keep the cap
 
 
-def brute_force_kl_count(p: np.ndarray, lam: float, cap: int) -> tuple[int, list[float]]:
-    """One row: for every n, decode it with its n most probable byte values kept and the rest spread
-    evenly over the other outcomes (one row of a matrix each) and take KL(q || that) directly; the n
-    minimising KL + lam n."""
-    order = np.argsort(-p[:256], kind="stable")
-    counts = np.arange(1, min(cap, max(1, int((p[:256] > 0).sum()))) + 1)
+def brute_force_kl_count(p: np.ndarray, lam: float, cap: int, candidates: int = 256) -> tuple[int, list[float]]:
+    """One row: for every n, decode it with its n most probable byte values (of the first
+    `candidates`) kept and the rest spread evenly over the other outcomes (one row of a matrix
+    each) and take KL(q || that) directly; the n minimising KL + lam n."""
+    order = np.argsort(-p[:candidates], kind="stable")
+    counts = np.arange(1, min(cap, max(1, int((p[:candidates] > 0).sum()))) + 1)
     kept = np.zeros((len(counts), 257), dtype=bool)
     for i, n in enumerate(counts):
         kept[i, order[:n]] = True

@@ -58,9 +58,9 @@ def check_sqrt_steps(steps: int) -> None:
                          "1/steps; 47 is the default)")
 
 
-def store_sqrt(x: torch.Tensor, steps: int = SQRT_STEPS) -> torch.Tensor:
-    """Log-probabilities of stored outcomes (> -inf) -> uint8 sqrt codes 1..steps (module docstring)."""
-    codes = torch.round(x.to(torch.float64).mul(0.5).exp() * steps).clamp(1, steps)
+def store_sqrt(x: torch.Tensor, steps: int = SQRT_STEPS, least: int = 1) -> torch.Tensor:
+    """Log-probabilities of stored outcomes (> -inf) -> uint8 sqrt codes least..steps (module docstring)."""
+    codes = torch.round(x.to(torch.float64).mul(0.5).exp() * steps).clamp(least, steps)
     return codes.to(torch.uint8).contiguous()
 
 
@@ -71,8 +71,7 @@ def load_sqrt(codes: torch.Tensor, steps: int = SQRT_STEPS) -> torch.Tensor:
 
 def store_sqrt_mass(x: torch.Tensor, steps: int) -> torch.Tensor:
     """The log of a mass (-inf allowed) -> a uint8 sqrt code 0..steps; 0: below half a step."""
-    codes = torch.round(x.to(torch.float64).mul(0.5).exp() * steps).clamp(0, steps)
-    return codes.to(torch.uint8).contiguous()
+    return store_sqrt(x, steps, least=0)
 
 
 def load_sqrt_mass(codes: torch.Tensor, steps: int) -> torch.Tensor:

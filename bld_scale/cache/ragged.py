@@ -140,24 +140,18 @@ def ragged_slice(stored: dict[str, torch.Tensor], offsets: torch.Tensor, a: int,
             "symbols": stored["symbols"][lo:hi], entries: stored[entries][lo:hi], **steps}
 
 
-def entry_logprobs(stored: dict[str, torch.Tensor]) -> torch.Tensor:
-    """float64 log-probabilities of a ragged shard's stored entries, whichever way they are coded."""
+def entry_and_rest_logprobs(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 [T] log-probabilities of a ragged shard's stored entries, float64 [R] the log of each
+    row's remaining mass), whichever way they are coded."""
     if "sqrt_codes" in stored:
-        return sqrt_rows_logprobs(stored)[0]
-    if "sqrt_probs" in stored:
-        return load_sqrt(stored["sqrt_probs"])
-    return load_logprobs(stored["logprobs"])
+        return sqrt_rows_logprobs(stored)
+    entries = load_sqrt(stored["sqrt_probs"]) if "sqrt_probs" in stored else load_logprobs(stored["logprobs"])
+    return entries, load_logprobs(stored["rest"])
 
 
-def ragged_rest(stored: dict[str, torch.Tensor]) -> torch.Tensor:
-    """float64 [R]: the log of each row's remaining mass, whichever way it is coded."""
-    if "sqrt_codes" in stored:
-        return sqrt_rows_logprobs(stored)[1]
-    return load_logprobs(stored["rest"])
-
-
-def ragged_kept(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept bool [R, 257], values float64 [R, 257]): the stored outcomes and their log-probabilities."""
+def ragged_kept(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept bool [R, 257], values float64 [R, 257], rest float64 [R]): the stored outcomes, their
+    log-probabilities and the log of each row's remaining mass."""
     counts = stored["counts"].to(torch.int64)
     device = counts.device
     rows = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
@@ -165,5 +159,6 @@ def ragged_kept(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     kept = torch.zeros(len(counts), OUTCOMES, dtype=torch.bool, device=device)
     kept[rows, symbols] = True
     values = torch.full((len(counts), OUTCOMES), -math.inf, dtype=torch.float64, device=device)
-    values[rows, symbols] = entry_logprobs(stored)
-    return kept, values
+    entries, rest = entry_and_rest_logprobs(stored)
+    values[rows, symbols] = entries
+    return kept, values, rest

@@ -16,8 +16,8 @@ EOT (column 256) is never among the stored byte values: its mass stays in `rest`
 q_n(EOT) is non-zero only at a teacher token boundary, as the teacher's EOS mass there, which in
 running text is tiny (the bench reports what it loses), and keeping it out lets a byte value fit in
 one byte. Log-probabilities are stored in float16, float32 or uint8 codes of 1/16 nat, or, for the
-adaptive layout, as codes of sqrt(p) with each row's most probable value implied (`cache.sqrt_rows`). Decoding (`decode_rows`) makes a
-proper distribution over the 257 outcomes: the stored log-probabilities in place and the remaining
+adaptive layout, as codes of sqrt(p) with each row's most probable value implied
+(`cache.sqrt_rows`). Decoding (`decode_rows`) makes a proper distribution over the 257 outcomes: the stored log-probabilities in place and the remaining
 mass spread over the outcomes not stored by the cache's tail profile (`cache.tail`), per context
 of the text where the cache has one.
 """
@@ -27,9 +27,8 @@ import math
 
 import torch
 
-from bld_scale.cache.quantize import DTYPES, check_dtype, load_logprobs, store_logprobs
-from bld_scale.cache.quantize import check_sqrt_steps
-from bld_scale.cache.ragged import MAX_CAP, check_adaptive, encode_ragged, ragged_kept, ragged_rest
+from bld_scale.cache.quantize import DTYPES, check_dtype, check_sqrt_steps, load_logprobs, store_logprobs
+from bld_scale.cache.ragged import MAX_CAP, check_adaptive, encode_ragged, ragged_kept
 from bld_scale.cache.sqrt_rows import DEFAULT_SQRT_STEPS
 from bld_scale.cache.tail import BYTE_VALUES, OUTCOMES, PRIOR_FLOOR, spread_rest, tail_prior  # noqa: F401 (re-exported)
 from bld_scale.cache.tail import context_tail_sums as _context_tail_sums
@@ -87,8 +86,9 @@ def encode_rows(q: torch.Tensor, k: int, dtype: str, tail_mass: float = 0.0, kl_
             "rest": store_logprobs(rest, dtype)}
 
 
-def kept_outcomes(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept bool [R, 257], values float64 [R, 257]) of a truncated layout (fixed or adaptive)."""
+def kept_outcomes(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept bool [R, 257], values float64 [R, 257], rest float64 [R]: the log of each row's
+    remaining mass) of a truncated layout (fixed or adaptive)."""
     if "counts" in stored:
         return ragged_kept(stored)
     symbols = stored["symbols"].long()
@@ -96,7 +96,7 @@ def kept_outcomes(stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     kept = torch.zeros(rows, OUTCOMES, dtype=torch.bool).scatter_(1, symbols, True)
     values = torch.full((rows, OUTCOMES), -math.inf, dtype=torch.float64)
     values.scatter_(1, symbols, load_logprobs(stored["logprobs"]))
-    return kept, values
+    return kept, values, load_logprobs(stored["rest"])
 
 
 def tail_sums(q: torch.Tensor, stored: dict[str, torch.Tensor]) -> list[float]:
@@ -123,9 +123,7 @@ def decode_rows(stored: dict[str, torch.Tensor], prior: torch.Tensor | None = No
     whose stored values are all -inf (an undefined teacher row) stays all -inf."""
     if "symbols" not in stored:
         return stored["logprobs"].float()
-    kept, values = kept_outcomes(stored)
-    rest = ragged_rest(stored) if "counts" in stored else load_logprobs(stored["rest"])
-    return spread_rest(kept, values, rest, prior, contexts)
+    return spread_rest(*kept_outcomes(stored), prior, contexts)
 
 
 def bytes_per_row(k: int, dtype: str, mean_count: float | None = None) -> float:

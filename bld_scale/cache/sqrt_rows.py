@@ -5,9 +5,10 @@ same counts) are stored with their probabilities' square roots in codes of `sqrt
 (`cache.quantize`), all but the most probable one: its probability is what the others and the
 remaining mass leave, 1 - rest - sum(others), found when decoding. Its error is then the sum of
 the others' errors, small in absolute terms next to it, and an error e on a value p costs about
-e^2 / 2p of KL, least on the largest p: one code per row fewer for next to no KL (SmolLM2: 1.1 of
-9.6 B per text byte, 6e-5 bits). The remaining mass has a sqrt code of the same steps, like any
-value (code 0: below half a step).
+e^2 / 2p of KL, least on the largest p: one code per row fewer for next to no KL (SmolLM2, with
+the rest a sqrt code too and xz over whole shards: 9.63 -> 9.28 B per text byte for 1e-4 bits,
+`tools/bench_teacher_cache.py`'s change-by-change lines). The remaining mass has a sqrt code of the
+same steps, like any value (code 0: below half a step).
 
 Byte value 0xFF is never stored, like EOT: it never occurs in UTF-8 text, so a teacher leaves next
 to no mass on it (its mass is in the rest), and the packed shard delimits rows with it
@@ -28,6 +29,7 @@ import math
 import torch
 
 from bld_scale.cache.quantize import check_sqrt_steps, load_sqrt, load_sqrt_mass, store_sqrt, store_sqrt_mass
+from bld_scale.cache.tail import OUTCOMES
 
 DELIMITER = 0xFF  # never stored: a byte value that UTF-8 text never has
 CANDIDATES = DELIMITER  # byte values 0..254 may be stored
@@ -50,7 +52,8 @@ def encode_sqrt_rows(q: torch.Tensor, counts: torch.Tensor, by_probability: torc
     rest = torch.logsumexp(q.masked_fill(kept, -math.inf), dim=1)
     rows, symbols = kept.nonzero(as_tuple=True)  # row after row, in increasing byte value
     first = symbols == by_probability[rows, 0]
-    order = torch.argsort(rows * 512 + torch.where(first, 0, symbols + 1))
+    # each row's first the most probable, then the others in increasing byte value (keys < 257 per row)
+    order = torch.argsort(rows * (OUTCOMES + 1) + torch.where(first, 0, symbols + 1))
     rows, symbols, first = rows[order], symbols[order], first[order]
     codes = store_sqrt(q[rows, symbols], steps).masked_fill_(first, 0)
     return {"counts": counts.to(torch.uint8).contiguous(), "symbols": symbols.to(torch.uint8).contiguous(),

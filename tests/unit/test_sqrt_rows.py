@@ -132,18 +132,19 @@ def test_a_sqrt_cache_packs_its_streams_and_serves_each_window(tmp_path):
     assert_windows_decode(plain, 255, "sqrt", kl_per_value=0.003)
 
 
-def old_sqrt_rows(q: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
-    """The sqrt layout as caches before `cache.sqrt_rows` stored it: every kept value's 6-bit code
-    (63 steps) in increasing byte value, the rest a 1/16-nat log code."""
-    stored = encode_rows(q, 255, "float32", kl_per_value=lam)
-    return {"counts": stored["counts"], "symbols": stored["symbols"],
-            "sqrt_probs": store_sqrt(stored["logprobs"].double()),
-            "rest": store_logprobs(stored["rest"].double(), "uint8")}
+def as_sqrt_rows_before(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adaptive shard's tensors (float32 or uint8 values; the index, if any, kept) as the sqrt
+    layout before `cache.sqrt_rows` held them: every kept value's 6-bit code (63 steps) in increasing
+    byte value, the rest a 1/16-nat log code."""
+    out = {k: v for k, v in stored.items() if k != "logprobs"}
+    out["sqrt_probs"] = store_sqrt(load_logprobs(stored["logprobs"]))
+    out["rest"] = store_logprobs(load_logprobs(stored["rest"]), "uint8")
+    return out
 
 
 def test_sqrt_caches_made_before_decode_as_they_did():
     q = mixed_rows(seed=8)
-    old = old_sqrt_rows(q, 0.003)
+    old = as_sqrt_rows_before(encode_rows(q, 255, "float32", kl_per_value=0.003))
     decoded = decode_rows(old).double().exp().numpy()
     offsets = entry_offsets(old["counts"]).tolist()
     for r in range(len(q)):  # written out: (c / 63)^2 in place, the rest spread evenly, renormalised
@@ -173,13 +174,6 @@ def test_the_cache_tool_defaults_to_sqrt_rows_of_the_default_steps(monkeypatch, 
     assert {k: settings[k] for k in want} == want
 
 
-def _as_sqrt_rows_before(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A uint8 adaptive shard's tensors as the sqrt layout before `cache.sqrt_rows` held them."""
-    out = {k: v for k, v in stored.items() if k != "logprobs"}
-    out["sqrt_probs"] = store_sqrt(load_logprobs(stored["logprobs"]))
-    return out
-
-
 def test_a_sqrt_cache_made_before_is_served_as_it_decodes_and_not_resumed(tmp_path):
     """A cache of the earlier sqrt layout (every value in 63-step codes, the rest a log code, xz over
     whole shards, no sqrt_steps in its header), made here by rewriting a uint8 cache's shards."""
@@ -197,7 +191,7 @@ def test_a_sqrt_cache_made_before_is_served_as_it_decodes_and_not_resumed(tmp_pa
     manifest = json.loads((folder / MANIFEST).read_text())
     for name, entry in manifest["shards"].items():
         path = folder / name
-        path.write_bytes(shard_bytes(_as_sqrt_rows_before(shard_tensors(path.read_bytes(), "xz")), "xz"))
+        path.write_bytes(shard_bytes(as_sqrt_rows_before(shard_tensors(path.read_bytes(), "xz")), "xz"))
         entry.update(hash_file(path))
         sidecar = folder / sidecar_name(int(name.split("-")[1].split(".")[0]))
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **hash_file(path)}))
@@ -208,7 +202,7 @@ def test_a_sqrt_cache_made_before_is_served_as_it_decodes_and_not_resumed(tmp_pa
     assert cache.codec == "KL per value 0.003 bits, k <= 255, sqrt"
     texts = stream_windows(r, n)
     for i, (text, row) in enumerate(zip(texts, synthetic_rows(texts))):
-        want = decode_rows(_as_sqrt_rows_before(encode_rows(row, 255, "uint8", kl_per_value=0.003)), cache.prior,
+        want = decode_rows(as_sqrt_rows_before(encode_rows(row, 255, "uint8", kl_per_value=0.003)), cache.prior,
                            previous_byte_contexts(text.encode()))
         assert torch.equal(cache.window_rows(i, text), want)
     with pytest.raises(TeacherCacheError, match="sqrt_steps: None there, 47 asked"):
